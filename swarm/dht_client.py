@@ -1,0 +1,126 @@
+"""Async client for the `Dht` gRPC service of dht-nodes, failing over across the given addresses.
+
+Shard servers and clients never join the Kademlia overlay; they read and write records through any
+dht-node they were given. A node that does not answer is skipped and the next one is tried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from swarm.errors import DhtUnavailable, from_rpc_error
+from swarm.pb import dht_pb2, dht_pb2_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors after which another dht-node may succeed; anything else is the request's own fault.
+_FAILOVER_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+}
+
+
+@dataclass(frozen=True)
+class SubkeyEntry:
+    value: bytes
+    expiration: float
+    public_key: bytes = b""
+    signature: bytes = b""
+
+
+Record = dict[str, SubkeyEntry]
+
+
+def parse_peers(text: str | Sequence[str]) -> list[str]:
+    """"h:p,h:p" or a list of them → ["h:p", ...]; raises ValueError on a malformed address."""
+    items = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
+    out = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"peer address must be HOST:PORT, got {item!r}")
+        out.append(item)
+    return out
+
+
+class DhtClient:
+    def __init__(self, addresses: Sequence[str], timeout_s: float = 5.0) -> None:
+        if not addresses:
+            raise ValueError("DhtClient needs at least one dht-node address (HOST:PORT)")
+        self.addresses = list(addresses)
+        self.timeout_s = timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._preferred = 0  # index of the last node that answered
+
+    def _stub(self, address: str) -> dht_pb2_grpc.DhtStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address)
+            self._channels[address] = channel
+        return dht_pb2_grpc.DhtStub(channel)
+
+    async def _call(self, what: str, fn: Callable[[dht_pb2_grpc.DhtStub], Awaitable[T]]) -> T:
+        errors = []
+        n = len(self.addresses)
+        for i in range(n):
+            idx = (self._preferred + i) % n
+            address = self.addresses[idx]
+            try:
+                result = await fn(self._stub(address))
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in _FAILOVER_CODES:
+                    raise from_rpc_error(e, address) from e
+                log.debug("dht %s via %s failed: %s", what, address, e.code().name)
+                errors.append(f"{address}: {e.code().name} {e.details()}")
+                continue
+            self._preferred = idx
+            return result
+        raise DhtUnavailable(f"DHT {what} failed on every node: " + "; ".join(errors))
+
+    async def store(
+        self, key: str, subkey: str, value: bytes, expiration: float, public_key: bytes = b"", signature: bytes = b""
+    ) -> bool:
+        item = dht_pb2.SubkeyValue(
+            subkey=subkey, value=value, expiration=expiration, public_key=public_key, signature=signature
+        )
+        request = dht_pb2.StoreRequest(key=key, items=[item])
+        response = await self._call("store", lambda s: s.Store(request, timeout=self.timeout_s))
+        return bool(response.stored)
+
+    async def get(self, key: str) -> Record:
+        request = dht_pb2.GetRequest(key=key)
+        response = await self._call("get", lambda s: s.Get(request, timeout=self.timeout_s))
+        return _record(response.record)
+
+    async def batch_get(self, keys: Sequence[str]) -> list[Record]:
+        request = dht_pb2.BatchGetRequest(keys=list(keys))
+        response = await self._call("batch_get", lambda s: s.BatchGet(request, timeout=self.timeout_s))
+        records = [_record(r) for r in response.records]
+        if len(records) != len(keys):
+            raise DhtUnavailable(f"batch get returned {len(records)} records for {len(keys)} keys")
+        return records
+
+    async def ping(self) -> dht_pb2.PingResponse:
+        return await self._call("ping", lambda s: s.Ping(dht_pb2.PingRequest(), timeout=self.timeout_s))
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+
+
+def _record(msg: dht_pb2.Record) -> Record:
+    return {
+        item.subkey: SubkeyEntry(item.value, item.expiration, item.public_key, item.signature) for item in msg.items
+    }

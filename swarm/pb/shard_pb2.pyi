@@ -1,0 +1,147 @@
+from swarm.pb import common_pb2 as _common_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("peer_id", "model_id", "blocks", "version", "dtype", "quant", "throughput_tps", "active_sessions", "cache_tokens_left", "inference_max_length", "state", "record_json")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    QUANT_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_TPS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TOKENS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RECORD_JSON_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    model_id: str
+    blocks: _common_pb2.BlockRange
+    version: str
+    dtype: str
+    quant: str
+    throughput_tps: float
+    active_sessions: int
+    cache_tokens_left: int
+    inference_max_length: int
+    state: str
+    record_json: bytes
+    def __init__(self, peer_id: _Optional[str] = ..., model_id: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.BlockRange, _Mapping]] = ..., version: _Optional[str] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., throughput_tps: _Optional[float] = ..., active_sessions: _Optional[int] = ..., cache_tokens_left: _Optional[int] = ..., inference_max_length: _Optional[int] = ..., state: _Optional[str] = ..., record_json: _Optional[bytes] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("model_id", "blocks", "hidden", "attention_mask", "request_id")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    blocks: _common_pb2.BlockRange
+    hidden: _common_pb2.Tensor
+    attention_mask: _common_pb2.Tensor
+    request_id: str
+    def __init__(self, model_id: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.BlockRange, _Mapping]] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("request_id", "hidden")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    hidden: _common_pb2.Tensor
+    def __init__(self, request_id: _Optional[str] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class BackwardRequest(_message.Message):
+    __slots__ = ("model_id", "blocks", "hidden", "grad_output", "attention_mask", "request_id")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    blocks: _common_pb2.BlockRange
+    hidden: _common_pb2.Tensor
+    grad_output: _common_pb2.Tensor
+    attention_mask: _common_pb2.Tensor
+    request_id: str
+    def __init__(self, model_id: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.BlockRange, _Mapping]] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class BackwardResponse(_message.Message):
+    __slots__ = ("request_id", "grad_input")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    grad_input: _common_pb2.Tensor
+    def __init__(self, request_id: _Optional[str] = ..., grad_input: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class InferenceOpen(_message.Message):
+    __slots__ = ("model_id", "blocks", "max_length", "session_id", "batch_size")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    blocks: _common_pb2.BlockRange
+    max_length: int
+    session_id: str
+    batch_size: int
+    def __init__(self, model_id: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.BlockRange, _Mapping]] = ..., max_length: _Optional[int] = ..., session_id: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class InferenceStepInput(_message.Message):
+    __slots__ = ("step_id", "position", "hidden", "attention_mask", "hypo_ids")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    HYPO_IDS_FIELD_NUMBER: _ClassVar[int]
+    step_id: str
+    position: int
+    hidden: _common_pb2.Tensor
+    attention_mask: _common_pb2.Tensor
+    hypo_ids: _common_pb2.Tensor
+    def __init__(self, step_id: _Optional[str] = ..., position: _Optional[int] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., hypo_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class InferenceRequest(_message.Message):
+    __slots__ = ("open", "step")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    open: InferenceOpen
+    step: InferenceStepInput
+    def __init__(self, open: _Optional[_Union[InferenceOpen, _Mapping]] = ..., step: _Optional[_Union[InferenceStepInput, _Mapping]] = ...) -> None: ...
+
+class InferenceOpened(_message.Message):
+    __slots__ = ("session_id", "max_length")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    max_length: int
+    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ...) -> None: ...
+
+class InferenceStepOutput(_message.Message):
+    __slots__ = ("step_id", "hidden", "position")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    step_id: str
+    hidden: _common_pb2.Tensor
+    position: int
+    def __init__(self, step_id: _Optional[str] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., position: _Optional[int] = ...) -> None: ...
+
+class InferenceResponse(_message.Message):
+    __slots__ = ("opened", "step")
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    opened: InferenceOpened
+    step: InferenceStepOutput
+    def __init__(self, opened: _Optional[_Union[InferenceOpened, _Mapping]] = ..., step: _Optional[_Union[InferenceStepOutput, _Mapping]] = ...) -> None: ...
