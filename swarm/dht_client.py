@@ -42,7 +42,7 @@ Record = dict[str, SubkeyEntry]
 
 
 def parse_peers(text: str | Sequence[str]) -> list[str]:
-    """"h:p,h:p" or a list of them → ["h:p", ...]; raises ValueError on a malformed address."""
+    """ "h:p,h:p" or a list of them → ["h:p", ...]; raises ValueError on a malformed address."""
     items = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
     out = []
     for item in (i.strip() for i in items):

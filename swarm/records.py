@@ -16,7 +16,7 @@ from swarm.blocks import BlockRange
 MAX_RECORD_BYTES = 4096  # one announcement; the whole Kademlia datagram must stay below 8 KiB
 
 
-class ServerState(str, enum.Enum):
+class ServerState(enum.StrEnum):
     JOINING = "joining"
     ONLINE = "online"
     DRAINING = "draining"

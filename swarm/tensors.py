@@ -13,7 +13,7 @@ import torch
 from swarm.errors import InvalidRequest
 from swarm.pb import common_pb2
 
-_TO_WIRE: dict[torch.dtype, int] = {
+_TO_WIRE: dict[torch.dtype, common_pb2.DType] = {
     torch.float32: common_pb2.DTYPE_FLOAT32,
     torch.float16: common_pb2.DTYPE_FLOAT16,
     torch.bfloat16: common_pb2.DTYPE_BFLOAT16,

@@ -86,12 +86,25 @@ class SwarmProcesses:
         return proc
 
     def start_server(
-        self, model: str | Path, blocks: str, initial_peers: list[str], *extra: str, name: str | None = None,
+        self,
+        model: str | Path,
+        blocks: str,
+        initial_peers: list[str],
+        *extra: str,
+        name: str | None = None,
         wait: bool = True,
     ) -> Proc:
         name = name or f"server-{blocks.replace(':', '-')}-{len(self.procs)}"
-        argv = [str(BIN / "shard-server"), "--model", str(model), "--blocks", blocks,
-                "--initial-peers", ",".join(initial_peers), *extra]
+        argv = [
+            str(BIN / "shard-server"),
+            "--model",
+            str(model),
+            "--blocks",
+            blocks,
+            "--initial-peers",
+            ",".join(initial_peers),
+            *extra,
+        ]
         proc = self._spawn(name, argv)
         if wait:
             self.wait_ready(proc)
