@@ -32,7 +32,7 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
             raise ModelNotFound(f"{path} is a folder but has no config.json; is it a Hugging Face model folder?")
         return path.resolve()
     name = str(name_or_path)
-    if name.count("/") == 1 and not path.exists():
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")) and not path.exists():
         try:
             from huggingface_hub import snapshot_download
 

@@ -67,8 +67,7 @@ def from_proto(msg: common_pb2.Tensor, name: str = "tensor", max_elements: int =
     numel = math.prod(shape)
     if numel > max_elements:
         raise InvalidRequest(f"{name}: {numel} elements is over the limit of {max_elements}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = numel * itemsize
+    expected = numel * dtype.itemsize
     if len(msg.data) != expected:
         raise InvalidRequest(
             f"{name}: shape {list(shape)} of {dtype_name(dtype)} needs {expected} bytes, got {len(msg.data)}"

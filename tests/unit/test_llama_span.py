@@ -27,12 +27,11 @@ def build(tmp_path, **overrides):
 
 def load_span(tmp_path, family, blocks):
     ckpt = Checkpoint(tmp_path)
-    layers = []
-    for local, block in enumerate(range(blocks.start, blocks.end)):
-        with torch.device("meta"):
-            layer = family.build_block(local)
-        layer.load_state_dict(ckpt.read_prefix(family.block_prefix(block)), strict=True, assign=True)
-        layers.append(layer.eval())
+    layers = [family.load_block(ckpt, block, local) for local, block in enumerate(range(blocks.start, blocks.end))]
+    assert not any(t.is_meta for layer in layers for t in [*layer.parameters(), *layer.buffers()])
+    assert set(ckpt.tensors_read) == {
+        k for b in range(blocks.start, blocks.end) for k in ckpt.keys_with_prefix(family.block_prefix(b))
+    }
     return family.make_span(layers, blocks)
 
 
@@ -41,9 +40,7 @@ def test_split_spans_with_caches_equal_full_model(tmp_path):
     full = build(tmp_path, rope_scaling={"rope_type": "linear", "factor": 2.0})
     family = family_for(full.config.__class__.from_pretrained(tmp_path))
     spans = [load_span(tmp_path, family, BlockRange(0, 2)), load_span(tmp_path, family, BlockRange(2, 5))]
-    keys = family.head_keys()
-    tensors = Checkpoint(tmp_path).read(keys.values())
-    head = family.make_head({name: tensors[key] for name, key in keys.items()})
+    head = family.load_head(Checkpoint(tmp_path))
     caches = [s.new_cache() for s in spans]
     ids = torch.randint(0, 97, (1, 9))
     steps = [ids[:, :6], ids[:, 6:7], ids[:, 7:9]]  # prefill, one token, a 2-token chunk

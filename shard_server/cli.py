@@ -1,0 +1,150 @@
+"""`shard-server`: parse flags into a ShardServerConfig and run one ShardServer until SIGINT/SIGTERM.
+
+Exit codes: 0 after a graceful stop, 2 for a usage/configuration error (one line on stderr, no
+traceback), 1 if the server could not start for another reason (e.g. no dht-node took its announcement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from shard_server.config import MIB, ShardServerConfig
+from swarm.blocks import BlockRange
+from swarm.dht_client import parse_peers
+from swarm.logs import setup_logging
+
+log = logging.getLogger("shard_server")
+
+# Literal (not swarm.tensors.DTYPE_NAMES) so `--help` and flag errors answer before torch is imported.
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _block_range(text: str) -> BlockRange:
+    try:
+        return BlockRange.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="shard-server",
+        description="Serve a contiguous range of transformer blocks of a model to a Pollen swarm over gRPC.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # fmt: off
+    p.add_argument("--model", required=True,
+                   help="local model folder (config.json + *.safetensors) or an org/name in the local HF cache")
+    p.add_argument("--blocks", required=True, type=_block_range,
+                   help="half-open block range START:END to serve, e.g. 0:12 means blocks 0..11")
+    p.add_argument("--initial-peers", default="",
+                   help="comma-separated dht-node HOST:PORT addresses; empty runs standalone (not announced)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on; also the announced host")
+    p.add_argument("--port", type=int, default=0, help="TCP port to listen on; 0 picks a free port")
+    p.add_argument("--device", default="cpu", help="torch device for the blocks: cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the blocks")
+    p.add_argument("--ready-file", default=None,
+                   help="write HOST:PORT to this file once serving and announced (for launchers)")
+    p.add_argument("--model-id", default=None,
+                   help="DHT name of the model (default: the hub name, or the model folder's name)")
+    p.add_argument("--num-threads", type=_positive_int, default=None,
+                   help="torch intra-op threads (default: torch's own default)")
+    p.add_argument("--inference-max-length", type=_positive_int, default=2048,
+                   help="longest inference session (prompt + generated tokens) a client may open")
+    p.add_argument("--cache-tokens", type=_positive_int, default=32768,
+                   help="server-wide KV-cache budget in tokens; a session reserves max_length x batch_size")
+    p.add_argument("--max-message-bytes", type=_positive_int, default=64 * MIB,
+                   help="largest gRPC message sent or received, in bytes")
+    p.add_argument("--max-batch-size", type=_positive_int, default=8192,
+                   help="largest Forward/Backward request in tokens (batch x sequence length)")
+    p.add_argument("--throughput", type=_positive_float, default=None,
+                   help="announced tokens/s; skips the measurement at start-up")
+    p.add_argument("--announce-period", type=_positive_float, default=None,
+                   help="seconds between re-announcements (default: ttl / 3)")
+    p.add_argument("--ttl", type=_positive_float, default=30.0,
+                   help="seconds an announcement stays valid in the DHT without a refresh")
+    p.add_argument("--drain-timeout", type=float, default=5.0,
+                   help="seconds open sessions may keep running after SIGTERM before being cancelled")
+    p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="log level (default: $POLLEN_LOG_LEVEL or INFO)")
+    # fmt: on
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ShardServerConfig:
+    """Raises ValueError with a one-line message when flags are inconsistent."""
+    return ShardServerConfig(
+        model=args.model,
+        blocks=args.blocks,
+        initial_peers=tuple(parse_peers(args.initial_peers)),
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        ready_file=args.ready_file,
+        model_id=args.model_id,
+        num_threads=args.num_threads,
+        inference_max_length=args.inference_max_length,
+        cache_tokens=args.cache_tokens,
+        max_message_bytes=args.max_message_bytes,
+        max_batch_size=args.max_batch_size,
+        ttl_s=args.ttl,
+        announce_period_s=args.announce_period,
+        drain_timeout_s=max(0.0, args.drain_timeout),
+        throughput_tps=args.throughput,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))  # exits 2 with usage
+    setup_logging(config.log_level)
+    # Heavy imports only once the flags are usable; a missing model is reported before transformers loads.
+    from swarm.model_files import ModelNotFound, resolve_model_path
+
+    try:
+        resolve_model_path(config.model)
+    except ModelNotFound as e:
+        sys.stderr.write(f"shard-server: error: {e}\n")
+        return 2
+    from shard_server.loader import LoadError
+    from shard_server.server import ConfigError, ShardServer
+
+    try:
+        asyncio.run(ShardServer(config).run())
+    except (ModelNotFound, LoadError, ConfigError) as e:
+        sys.stderr.write(f"shard-server: error: {e}\n")
+        return 2
+    except TimeoutError as e:
+        sys.stderr.write(f"shard-server: error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130  # only if the signal arrived before the handlers were installed
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
