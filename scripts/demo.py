@@ -18,50 +18,74 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 from tests.launcher import SwarmProcesses  # noqa: E402
 
 log = logging.getLogger("demo")
+# Three processes share this machine's cores and only one computes at a time: one torch thread each avoids
+# OpenMP threads of idle processes spinning against the busy one.
+THREADS = ("--num-threads", "1")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/smollm2-135m", help="model folder (default: %(default)s)")
     parser.add_argument("--prompt", default="Explain in two sentences why the sky is blue.", help="user message")
     parser.add_argument("--max-new-tokens", type=int, default=60, help="tokens to generate (default: %(default)s)")
     parser.add_argument("--split", type=int, default=15, help="first block of the second server (default: 15)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # SIGTERM (e.g. from a CI timeout) must also run the cleanup below, like Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    return parser.parse_args()
 
-    from transformers import AutoConfig, AutoTokenizer
+
+def start_swarm(swarm: SwarmProcesses, model: str, split: int, num_blocks: int) -> str:
+    """A dht-node and two shard-servers; returns the dht-node's address."""
+    t0 = time.perf_counter()
+    dht = swarm.start_dht()
+    servers = [
+        swarm.start_server(model, f"0:{split}", [dht.address], *THREADS, wait=False),
+        swarm.start_server(model, f"{split}:{num_blocks}", [dht.address], *THREADS, wait=False),
+    ]
+    for server in servers:
+        swarm.wait_ready(server)
+    addresses = ", ".join(s.address for s in servers)
+    log.info("swarm up in %.1f s: dht %s, servers %s", time.perf_counter() - t0, dht.address, addresses)
+    return dht.address
+
+
+def chat(dht_address: str, model: str, prompt: str, max_new_tokens: int) -> None:
+    from transformers import AutoTokenizer
 
     from client_sdk import SwarmClient
 
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    messages = [{"role": "user", "content": prompt}]
+    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if not isinstance(prompt_ids, list):  # newer tokenizers return a BatchEncoding
+        prompt_ids = list(prompt_ids["input_ids"])
+    with SwarmClient(initial_peers=[dht_address], model=model) as client:
+        client.generate(prompt_ids, max_new_tokens=4)  # warm-up: opens channels, first allocations
+        t0 = time.perf_counter()
+        new_ids = client.generate(prompt_ids, max_new_tokens=max_new_tokens)  # only the new tokens
+        elapsed = time.perf_counter() - t0
+    answer = tokenizer.decode(new_ids, skip_special_tokens=True)
+    sys.stdout.write(f"\nUser: {prompt}\nAssistant: {answer.strip()}\n\n")
+    sys.stdout.write(f"{len(new_ids)} tokens in {elapsed:.2f} s = {len(new_ids) / elapsed:.1f} tokens/s "
+                     "through 2 servers\n")  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # SIGTERM (e.g. from a CI timeout) must also run the cleanup below, like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    import torch
+    from transformers import AutoConfig
+
+    torch.set_num_threads(1)
+
     num_blocks = AutoConfig.from_pretrained(args.model).num_hidden_layers
     with SwarmProcesses() as swarm:
-        t0 = time.perf_counter()
-        dht = swarm.start_dht()
-        servers = [
-            swarm.start_server(args.model, f"0:{args.split}", [dht.address], wait=False),
-            swarm.start_server(args.model, f"{args.split}:{num_blocks}", [dht.address], wait=False),
-        ]
-        for server in servers:
-            swarm.wait_ready(server)
-        log.info("swarm up in %.1f s: dht %s, servers %s (logs in %s)", time.perf_counter() - t0, dht.address,
-                 ", ".join(s.address for s in servers), swarm.workdir)
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        messages = [{"role": "user", "content": args.prompt}]
-        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if not isinstance(prompt_ids, list):  # newer tokenizers return a BatchEncoding
-            prompt_ids = list(prompt_ids["input_ids"])
-        with SwarmClient(initial_peers=[dht.address], model=args.model) as client:
-            client.generate(prompt_ids, max_new_tokens=4)  # warm-up: opens channels, first allocations
-            t0 = time.perf_counter()
-            new_ids = client.generate(prompt_ids, max_new_tokens=args.max_new_tokens)
-            elapsed = time.perf_counter() - t0
-        n = len(new_ids) - len(prompt_ids) if new_ids[: len(prompt_ids)] == prompt_ids else len(new_ids)
-        answer = tokenizer.decode(new_ids[-n:], skip_special_tokens=True)
-        sys.stdout.write(f"\nUser: {args.prompt}\nAssistant: {answer.strip()}\n\n")
-        sys.stdout.write(f"{n} tokens in {elapsed:.2f} s = {n / elapsed:.1f} tokens/s through 2 servers\n")
+        try:
+            dht_address = start_swarm(swarm, args.model, args.split, num_blocks)
+            chat(dht_address, args.model, args.prompt, args.max_new_tokens)
+        except BaseException:
+            sys.stderr.write(swarm.logs() + "\n")  # the processes' own logs say why
+            raise
     log.info("all processes stopped")
 
 

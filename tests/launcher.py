@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +42,7 @@ class Proc:
 @dataclass
 class SwarmProcesses:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pollen-swarm-")))
+    keep_logs: bool = False  # keep `workdir` (logs, ready files) after close(), e.g. for the demo
     env: dict[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
 
@@ -143,6 +145,8 @@ class SwarmProcesses:
                 pass
             if proc.popen.poll() is None:
                 proc.popen.wait()
+        if not self.keep_logs:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.name} =====\n{p.log()}" for p in self.procs)
