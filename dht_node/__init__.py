@@ -1,0 +1,8 @@
+"""dht-node: a standalone Kademlia DHT daemon holding Pollen's dictionary records.
+
+Nodes form the overlay over UDP (kademlia package, hardened in protocol.py); shard servers and clients
+use the `pollen.v1.Dht` gRPC service on the same port number. Never imports torch.
+
+Modules: cli (flags → config → run), config (DhtNodeConfig), node (DhtNode lifecycle and operations),
+protocol (UDP rpc handling), storage (records, merge, caps, wire form), crawl (lookups), servicer (gRPC).
+"""

@@ -1,0 +1,263 @@
+"""DhtNode: one member of the Kademlia overlay (UDP) with the `Dht` gRPC front door, on one port number.
+
+It composes kademlia's pieces instead of subclassing kademlia.network.Server: Server.listen binds
+0.0.0.0 and schedules unkept refresh tasks, and its get/set are exactly what Pollen replaces (merging
+lookups, chunked stores, replica counting). Routing, node ids and the crawl skeleton are kademlia's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from kademlia.node import Node
+from kademlia.utils import digest
+
+from dht_node.config import DhtNodeConfig
+from dht_node.crawl import NodeCrawl, RecordCrawl
+from dht_node.protocol import PollenProtocol, valid_node_id
+from dht_node.servicer import DhtServicer
+from dht_node.storage import Record, RecordStorage, merge_into
+from swarm.aio import TaskSet
+from swarm.pb import dht_pb2, dht_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+DHT_SERVICE = dht_pb2.DESCRIPTOR.services_by_name["Dht"].full_name  # "pollen.v1.Dht"
+BIND_ATTEMPTS = 8  # port 0: the free UDP port may be taken on TCP; pick again this many times
+REJOIN_PERIOD_S = 5.0  # while no contact is known, retry the initial peers this often
+REPUBLISH_CONCURRENCY = 8  # keys republished at once (each is a lookup plus k stores)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class DhtNode:
+    """`node = DhtNode(host="127.0.0.1", port=0, initial_peers=[...]); await node.start(); ...; await node.stop()`.
+
+    Takes a DhtNodeConfig, keyword overrides of its fields, or both.
+    """
+
+    def __init__(self, config: DhtNodeConfig | None = None, **overrides: Any) -> None:
+        config = config or DhtNodeConfig()
+        self.config = dataclasses.replace(config, **overrides) if overrides else config
+        self.node = Node(os.urandom(20))  # Kademlia id: 160 random bits, like kademlia's Server
+        self.storage = RecordStorage(self.config.limits)
+        self.tasks = TaskSet()
+        self.port = 0
+        self._protocol: PollenProtocol | None = None
+        self._transport: asyncio.DatagramTransport | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._started = self._stopped = False
+
+    # ---- lifecycle ----
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT naming this node for both gRPC and the overlay."""
+        return join_host_port(self.config.host, self.port)
+
+    @property
+    def node_id(self) -> str:
+        return str(self.node.id.hex())
+
+    @property
+    def protocol(self) -> PollenProtocol:
+        if self._protocol is None:
+            raise RuntimeError("DhtNode is not started")
+        return self._protocol
+
+    def peer_count(self) -> int:
+        return self._protocol.router.size() if self._protocol is not None else 0
+
+    async def start(self) -> None:
+        if self._started:
+            raise RuntimeError("DhtNode.start() called twice")
+        self._started = True
+        await self._bind()
+        assert self._grpc is not None  # set by _bind
+        await self._grpc.start()
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(DHT_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        log.info("dht-node %s serving gRPC and UDP on %s", self.node_id[:12], self.address)
+        if self.config.initial_peers:
+            await self._join()
+        else:
+            log.info("started a new swarm (no initial peers)")
+        self.tasks.spawn(self._run_maintenance_loop(), name="dht-maintenance")
+
+    async def _bind(self) -> None:
+        """Bind UDP first, then gRPC on the same number. UDP goes first because a datagram endpoint can be
+        closed at once, while a gRPC server that failed to bind is simply dropped."""
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            transport, protocol = await loop.create_datagram_endpoint(
+                lambda: PollenProtocol(self.node, self.storage, cfg.ksize, cfg.rpc_timeout_s, self.tasks),
+                local_addr=(cfg.host, cfg.port),
+            )
+            port = int(transport.get_extra_info("sockname")[1])
+            server = self._make_grpc_server()
+            try:
+                server.add_insecure_port(join_host_port(cfg.host, port))
+            except RuntimeError:
+                transport.close()
+                if cfg.port != 0 or attempt == BIND_ATTEMPTS:
+                    raise OSError(f"cannot bind gRPC on {join_host_port(cfg.host, port)} (TCP port taken?)") from None
+                log.debug("TCP port %d is taken though UDP was free; picking another port", port)
+                continue
+            self._transport, self._protocol, self._grpc, self.port = transport, protocol, server, port
+            return
+
+    def _make_grpc_server(self) -> grpc.aio.Server:
+        # gRPC sets SO_REUSEPORT by default: two nodes could then share one TCP port and split its traffic.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        dht_pb2_grpc.add_DhtServicer_to_server(DhtServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection([DHT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        return server
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        """Stop serving: health NOT_SERVING, gRPC drained for `grace_s`, background tasks cancelled, UDP closed."""
+        if self._stopped or not self._started:
+            return
+        self._stopped = True
+        await self._health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(grace_s)
+        await self.tasks.cancel_all()
+        if self._protocol is not None:
+            self._protocol.close()
+        if self._transport is not None:
+            self._transport.close()
+        log.info("dht-node %s stopped", self.address)
+
+    # ---- joining and upkeep ----
+
+    async def _join(self) -> bool:
+        contacts = []
+        for address, result in zip(*await self._ping_initial_peers(), strict=True):
+            if result is not None:
+                contacts.append(result)
+            else:
+                log.info("initial peer %s did not answer", address)
+        if not contacts:
+            log.warning("no initial peer answered; retrying every %.0f s", REJOIN_PERIOD_S)
+            return False
+        await NodeCrawl(self.protocol, self.node, contacts, self.config.ksize, self.config.alpha).find()
+        log.info("joined the swarm via %s: %d contacts", contacts[0], self.peer_count())
+        return True
+
+    async def _ping_initial_peers(self) -> tuple[list[str], list[Node | None]]:
+        loop = asyncio.get_running_loop()
+        family = self.protocol.transport.get_extra_info("socket").family
+        addresses, pings = [], []
+        for peer in self.config.initial_peers:
+            host, _, port = peer.rpartition(":")
+            host = host.strip("[]")
+            try:  # kademlia needs IPs: contacts are matched by (ip, port)
+                infos = await loop.getaddrinfo(host, int(port), family=family, type=socket.SOCK_DGRAM)
+            except OSError as e:
+                log.warning("cannot resolve initial peer %s: %s", peer, e)
+                continue
+            addresses.append(peer)
+            ip, port_number = infos[0][4][:2]
+            pings.append(self._ping((str(ip), int(port_number))))
+        return addresses, list(await asyncio.gather(*pings))
+
+    async def _ping(self, addr: tuple[str, int]) -> Node | None:
+        ok, node_id = await self.protocol.ping(addr, self.node.id)
+        return Node(node_id, addr[0], addr[1]) if ok and valid_node_id(node_id) else None
+
+    async def _run_maintenance_loop(self) -> None:
+        period = self.config.republish_period_s
+        next_republish = time.monotonic() + period
+        while True:
+            await asyncio.sleep(min(REJOIN_PERIOD_S, period))
+            if self.config.initial_peers and self.peer_count() == 0:
+                await self._join()
+            if time.monotonic() < next_republish:
+                continue
+            next_republish = time.monotonic() + period
+            culled = self.storage.cull()
+            await self._refresh_buckets()
+            republished = await self.republish(older_than_s=period)
+            log.info(
+                "upkeep: %d keys held (%d expired), %d republished, %d contacts",
+                len(self.storage),
+                culled,
+                republished,
+                self.peer_count(),
+            )
+
+    async def _refresh_buckets(self) -> None:
+        """Kademlia section 2.3: look up a random id in every bucket nobody touched for an hour."""
+        lookups = []
+        for node_id in self.protocol.get_refresh_ids():
+            target = Node(node_id)
+            nearest = self.protocol.router.find_neighbors(target, self.config.alpha)
+            lookups.append(NodeCrawl(self.protocol, target, nearest, self.config.ksize, self.config.alpha).find())
+        await asyncio.gather(*lookups)
+
+    async def republish(self, older_than_s: float = 0.0) -> int:
+        """Re-store the records nobody stored or republished for `older_than_s` on the current k closest
+        nodes, so they survive churn among their holders. Returns how many keys were republished."""
+        semaphore = asyncio.Semaphore(REPUBLISH_CONCURRENCY)
+
+        async def one(key: bytes, record: Record) -> None:
+            async with semaphore:
+                replicas = await self._store_digest(key, record, store_locally=False)
+                self.storage.mark_republished(key)
+                log.debug("republished %s to %d nodes", key.hex(), replicas)
+
+        stale = self.storage.iter_older_than(older_than_s)
+        await asyncio.gather(*(one(key, record) for key, record in stale))
+        return len(stale)
+
+    # ---- the operations behind the gRPC service ----
+
+    async def store(self, key: str, record: Record) -> int:
+        """Merge `record` into the k closest nodes of `key`; returns how many accepted (this node included)."""
+        replicas = await self._store_digest(digest(key), record, store_locally=True)
+        log.debug("stored %d sub-keys of %r on %d nodes", len(record), key, replicas)
+        return replicas
+
+    async def _store_digest(self, dkey: bytes, record: Record, store_locally: bool) -> int:
+        target = Node(dkey)
+        nearest = self.protocol.router.find_neighbors(target)
+        found = await NodeCrawl(self.protocol, target, nearest, self.config.ksize, self.config.alpha).find()
+        closest = sorted([*found, self.node], key=lambda n: n.distance_to(target))[: self.config.ksize]
+        replicas = 0
+        if store_locally and any(n.id == self.node.id for n in closest):
+            replicas += self.storage.merge(dkey, record)
+        others = [n for n in closest if n.id != self.node.id]
+        results = await asyncio.gather(*(self.protocol.store_record(n, dkey, record) for n in others))
+        return replicas + sum(results)
+
+    async def get(self, key: str, timeout_s: float | None = None) -> Record:
+        """Merge the copies of `key` held here and by the k closest nodes. After `timeout_s` the lookup stops
+        and returns what it merged so far (a partial answer beats none for a client's deadline)."""
+        dkey = digest(key)
+        record = self.storage.get_record(dkey)
+        target = Node(dkey)
+        nearest = self.protocol.router.find_neighbors(target)
+        if nearest:
+            crawl = RecordCrawl(self.protocol, target, nearest, self.config.ksize, self.config.alpha)
+            try:
+                await asyncio.wait_for(crawl.find(), timeout_s)
+            except TimeoutError:
+                log.info(
+                    "lookup of %r ran out of time after %.2f s; answering with %d copies", key, timeout_s, crawl.holders
+                )
+            merge_into(record, crawl.record, self.storage.clock())
+        return record

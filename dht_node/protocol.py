@@ -1,0 +1,257 @@
+"""The Kademlia UDP protocol of a dht-node: kademlia's KademliaProtocol hardened for an open port.
+
+What it changes in the stock rpcudp/kademlia code and why:
+* every datagram is parsed and dispatched inside one try block: garbage (bad msgpack, wrong shapes, wrong
+  types, oversize requests) is logged at debug and dropped instead of raising in unkept tasks;
+* requests are handled synchronously (every handler is), so no task per datagram is ever created;
+* `store` validates the record and merges it through RecordStorage's caps;
+* `find_value` answers with the local record *and* the closest contacts, so a lookup keeps converging on
+  the k closest nodes and merges every copy it meets (see crawl.py);
+* `welcome_if_new` hands records to a new contact by their real key (stock code digests the digest again)
+  and keeps the resulting store tasks in a TaskSet;
+* the reply timeout is configurable, late replies and timeouts never touch a cancelled future, and
+  contacts that did not answer are remembered for a while so lookups stop paying their timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeGuard
+
+import umsgpack
+from kademlia.node import Node
+from kademlia.protocol import KademliaProtocol
+from kademlia.routing import RoutingTable
+
+from dht_node.storage import (
+    DATAGRAM_LIMIT_BYTES,
+    KEY_DIGEST_BYTES,
+    InvalidRecord,
+    Record,
+    RecordStorage,
+    parse_wire_record,
+    to_wire,
+    wire_chunks,
+)
+from swarm.aio import TaskSet
+
+log = logging.getLogger(__name__)
+
+REQUEST, RESPONSE = b"\x00", b"\x01"
+HEADER_BYTES = 21  # kind byte + 20-byte message id
+DEAD_PEER_TTL_S = 30.0  # how long a contact that timed out is skipped in lookups
+
+
+def valid_node_id(value: object) -> TypeGuard[bytes]:
+    return isinstance(value, bytes) and len(value) == KEY_DIGEST_BYTES
+
+
+def parse_contacts(obj: object, own_id: bytes) -> list[Node] | None:
+    """A peer's contact list [[id, ip, port], ...] → Nodes; None if the shape is wrong (a broken peer)."""
+    if not isinstance(obj, list | tuple) or len(obj) > 256:
+        return None
+    nodes = []
+    for item in obj:
+        if not isinstance(item, list | tuple) or len(item) != 3:
+            return None
+        node_id, ip, port = item
+        if not valid_node_id(node_id) or not isinstance(ip, str) or not 0 < len(ip) <= 64:
+            return None
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            return None
+        if node_id != own_id:
+            nodes.append(Node(node_id, ip, port))
+    return nodes
+
+
+class _Router(RoutingTable):
+    """RoutingTable whose "ping the head of a full bucket" task is kept instead of fire-and-forget."""
+
+    def add_contact(self, node: Node) -> None:
+        index = self.get_bucket_for(node)
+        bucket = self.buckets[index]
+        if bucket.add_node(node):
+            return
+        # Section 4.2 of the paper: split if the bucket holds our own id or its depth is not 0 mod 5.
+        if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
+            self.split_bucket(index)
+            self.add_contact(node)
+        else:
+            self.protocol.tasks.spawn(self.protocol.call_ping(bucket.head()), name="dht-ping-bucket-head")
+
+    def size(self) -> int:
+        return sum(len(bucket) for bucket in self.buckets)
+
+
+class PollenProtocol(KademliaProtocol):
+    def __init__(
+        self, source_node: Node, storage: RecordStorage, ksize: int, rpc_timeout_s: float, tasks: TaskSet
+    ) -> None:
+        super().__init__(source_node, storage, ksize)
+        self._wait_timeout = rpc_timeout_s
+        self.storage: RecordStorage = storage
+        self.router: _Router = _Router(self, ksize, source_node)
+        self.tasks = tasks
+        self._dead_until: dict[tuple[str, int], float] = {}
+        self._handlers: dict[str, Callable[..., Any]] = {
+            "ping": self.rpc_ping,
+            "store": self.rpc_store,
+            "find_node": self.rpc_find_node,
+            "find_value": self.rpc_find_value,
+        }
+
+    # ---- datagram layer (replaces rpcudp's task-per-datagram parsing) ----
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if len(data) <= HEADER_BYTES or data[:1] not in (REQUEST, RESPONSE):
+            log.debug("dropped a %d-byte datagram from %s: not an rpc message", len(data), addr)
+            return
+        if data[:1] == REQUEST and len(data) > HEADER_BYTES + DATAGRAM_LIMIT_BYTES:
+            log.debug("dropped a %d-byte request from %s: over the 8 KiB limit", len(data), addr)
+            return
+        msg_id = data[1:HEADER_BYTES]
+        try:
+            payload = umsgpack.unpackb(data[HEADER_BYTES:])
+            if data[:1] == RESPONSE:
+                self._accept_response(msg_id, payload, addr)
+            else:
+                self._handle_request(msg_id, payload, addr)
+        except Exception as e:  # noqa: BLE001 - a peer's garbage must never reach the event loop
+            log.debug("dropped a malformed datagram from %s: %s", addr, f"{type(e).__name__}: {e}"[:200])
+
+    def _handle_request(self, msg_id: bytes, payload: object, addr: tuple[Any, ...]) -> None:
+        if not isinstance(payload, list) or len(payload) != 2 or not isinstance(payload[1], list | tuple):
+            log.debug("dropped a request of the wrong shape from %s", addr)
+            return
+        name, args = payload
+        handler = self._handlers.get(name) if isinstance(name, str) else None
+        if handler is None:
+            log.debug("dropped a request for unknown rpc %r from %s", name, addr)
+            return
+        response = handler(addr, *args)
+        if response is not None and self.transport is not None:
+            self.transport.sendto(RESPONSE + msg_id + umsgpack.packb(response), addr)
+
+    def _accept_response(self, msg_id: bytes, data: object, address: tuple[Any, ...]) -> None:
+        # A late reply still proves the peer is alive: a busy peer must not stay "dead" for DEAD_PEER_TTL_S.
+        self._dead_until.pop((address[0], address[1]), None)
+        pending = self._outstanding.pop(msg_id, None)
+        if pending is None:
+            log.debug("dropped a reply to an unknown or expired request from %s", address)
+            return
+        future, timeout = pending
+        timeout.cancel()
+        if not future.done():  # the caller may have been cancelled (lookup deadline)
+            future.set_result((True, data))
+
+    def _timeout(self, msg_id: bytes) -> None:
+        pending = self._outstanding.pop(msg_id, None)
+        if pending is not None and not pending[0].done():
+            pending[0].set_result((False, None))
+
+    def close(self) -> None:
+        """Fail every pending request now (stock rpcudp leaves them to their timeouts after stop)."""
+        pending = list(self._outstanding.values())
+        self._outstanding.clear()
+        for future, timeout in pending:
+            timeout.cancel()
+            if not future.done():
+                future.set_result((False, None))
+
+    # ---- rpc handlers: sender is the (ip, port) the datagram came from ----
+
+    def _source(self, sender: tuple[Any, ...], nodeid: object) -> Node | None:
+        if not valid_node_id(nodeid) or nodeid == self.source_node.id:
+            return None
+        source = Node(nodeid, sender[0], sender[1])
+        self._dead_until.pop((source.ip, source.port), None)  # it talks to us: alive again
+        self.welcome_if_new(source)
+        return source
+
+    def rpc_ping(self, sender: tuple[Any, ...], nodeid: object) -> bytes | None:
+        if self._source(sender, nodeid) is None:
+            return None
+        return self.source_node.id
+
+    def rpc_store(self, sender: tuple[Any, ...], nodeid: object, key: object, value: object) -> bool | None:
+        # Validate everything before welcoming the sender: a peer that sends garbage stays out of our table.
+        if not valid_node_id(nodeid) or not valid_node_id(key):
+            log.debug("rejected store from %s: node id or key is not a %d-byte digest", sender, KEY_DIGEST_BYTES)
+            return None
+        try:
+            record = parse_wire_record(value, self.storage.limits, self.storage.clock())
+        except InvalidRecord as e:
+            log.debug("rejected store of %s from %s: %s", key.hex(), sender, e)
+            return False
+        if self._source(sender, nodeid) is None:
+            return None
+        accepted = self.storage.merge(key, record)
+        if not accepted:
+            log.info("store of %s from %s hit a storage cap; part of it was refused", key.hex(), sender)
+        return accepted
+
+    def rpc_find_node(self, sender: tuple[Any, ...], nodeid: object, key: object) -> list[tuple[Any, ...]] | None:
+        if not valid_node_id(key):
+            return None
+        source = self._source(sender, nodeid)
+        if source is None:
+            return None
+        # Twice k contacts, minus those we saw time out: when the closest ones have died, a lookup still
+        # has live fallbacks (a crawl shows only the k nearest and reaches the rest as the others fail).
+        neighbors = self.router.find_neighbors(Node(key), k=2 * self.router.ksize, exclude=source)
+        return [tuple(n) for n in neighbors if not self.is_dead(n)]
+
+    def rpc_find_value(self, sender: tuple[Any, ...], nodeid: object, key: object) -> dict[str, Any] | None:
+        contacts = self.rpc_find_node(sender, nodeid, key)
+        if contacts is None or not isinstance(key, bytes):
+            return None
+        answer: dict[str, Any] = {"nodes": contacts}
+        record = self.storage.get_record(key)
+        if record:
+            answer["value"] = to_wire(record)
+        return answer
+
+    # ---- outgoing calls ----
+
+    def handle_call_response(self, result: tuple[bool, Any], node: Node) -> tuple[bool, Any]:
+        if not result[0]:
+            log.debug("no reply from %s within %.1f s; dropping it from the routing table", node, self._wait_timeout)
+            self.router.remove_contact(node)
+            self._dead_until[(node.ip, node.port)] = time.monotonic() + DEAD_PEER_TTL_S
+            return result
+        self.welcome_if_new(node)
+        return result
+
+    def is_dead(self, node: Node) -> bool:
+        until = self._dead_until.get((node.ip, node.port))
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._dead_until[(node.ip, node.port)]
+            return False
+        return True
+
+    async def store_record(self, node: Node, key: bytes, record: Record) -> bool:
+        """Store a record on one node in as many requests as the 8 KiB limit needs; True if all accepted."""
+        for chunk in wire_chunks(record):
+            ok, accepted = await self.call_store(node, key, chunk)
+            if not ok or accepted is not True:
+                return False
+        return True
+
+    def welcome_if_new(self, node: Node) -> None:
+        """Section 2.5 of the paper: hand a new contact the records it should now hold, then add it."""
+        if not self.router.is_new_node(node):
+            return
+        log.debug("new contact %s", node)
+        for key, record in self.storage:
+            keynode = Node(key)  # storage keys are already digests (stock code hashes them again)
+            neighbors = self.router.find_neighbors(keynode)
+            if neighbors:
+                new_node_close = node.distance_to(keynode) < neighbors[-1].distance_to(keynode)
+                this_closest = self.source_node.distance_to(keynode) < neighbors[0].distance_to(keynode)
+            if not neighbors or (new_node_close and this_closest):
+                self.tasks.spawn(self.store_record(node, key, record), name="dht-welcome-store")
+        self.router.add_contact(node)

@@ -1,0 +1,103 @@
+"""`dht-node` as real processes: a bootstrap node and two joiners, records across them, clean SIGTERM,
+the help text, and the promise that dht_node never imports torch."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from swarm.dht_client import DhtClient
+from tests.launcher import BIN, SwarmProcesses
+
+pytestmark = pytest.mark.e2e
+
+FLAGS = [
+    "--bootstrap",
+    "--initial-peers",
+    "--host",
+    "--port",
+    "--ready-file",
+    "--ksize",
+    "--alpha",
+    "--rpc-timeout",
+    "--republish-period",
+    "--max-value-bytes",
+    "--max-subkeys-per-key",
+    "--max-keys",
+    "--log-level",
+]
+
+
+async def test_store_on_one_process_get_on_another_then_sigterm() -> None:
+    with SwarmProcesses() as procs:
+        boot = procs.start_dht("dht0", None, "--ksize", "2", "--rpc-timeout", "0.5")
+        joiners = [procs.start_dht(f"dht{i}", [boot.address], "--ksize", "2", "--rpc-timeout", "0.5") for i in (1, 2)]
+        nodes = [boot, *joiners]
+        try:
+            writer = DhtClient([joiners[0].address])
+            assert await asyncio.wait_for(writer.store("e2e.key", "peer", b"across processes", time.time() + 60), 10)
+            await writer.close()
+            for proc in (boot, joiners[1]):
+                reader = DhtClient([proc.address])
+                record = await asyncio.wait_for(reader.get("e2e.key"), 10)
+                await reader.close()
+                assert record["peer"].value == b"across processes"
+        except BaseException:
+            print(procs.logs())
+            raise
+        for proc in nodes:
+            # the ready line on stdout (the launcher sends stdout to the log file)
+            assert f"dht-node ready at {proc.address}" in proc.log()
+        for proc in reversed(nodes):
+            t0 = time.monotonic()
+            code = procs.stop(proc, signal.SIGTERM, timeout_s=5)
+            elapsed = time.monotonic() - t0
+            assert code == 0, proc.log()
+            assert elapsed < 3.0, f"{proc.name} took {elapsed:.1f} s to exit"
+
+
+def test_ready_line_is_the_only_stdout_and_sigint_exits_zero() -> None:
+    proc = subprocess.Popen(
+        [str(BIN / "dht-node"), "--bootstrap", "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        assert ready, "no ready line within 30 s"
+        line = proc.stdout.readline()
+        assert re.fullmatch(r"dht-node ready at 127\.0\.0\.1:\d+\n", line), line
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=5)
+        assert proc.returncode == 0
+        assert rest == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_help_mentions_every_flag() -> None:
+    out = subprocess.run([str(BIN / "dht-node"), "--help"], capture_output=True, text=True, timeout=30, check=True)
+    for flag in FLAGS:
+        assert flag in out.stdout, flag
+
+
+def test_bootstrap_and_initial_peers_are_exclusive_and_required() -> None:
+    for argv in ([], ["--bootstrap", "--initial-peers", "127.0.0.1:1"], ["--initial-peers", "nohost"]):
+        out = subprocess.run([str(BIN / "dht-node"), *argv], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2, (argv, out.stderr)
+
+
+def test_dht_node_does_not_import_torch() -> None:
+    code = "import sys, dht_node.cli, dht_node.node; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

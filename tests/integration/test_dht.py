@@ -1,0 +1,354 @@
+"""In-process DhtNodes on loopback (small k, so lookups take several hops), driven through the gRPC service
+with swarm.dht_client.DhtClient, as shard servers and clients use it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import statistics
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+import pytest_asyncio
+import umsgpack
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from kademlia.utils import digest
+
+from dht_node.node import DhtNode
+from swarm.dht_client import DhtClient
+from swarm.errors import InvalidRequest
+from swarm.pb import dht_pb2, dht_pb2_grpc
+
+T = TypeVar("T")
+N_NODES = 6
+KSIZE = 3  # fewer replicas than nodes: every lookup has to find the holders
+DEADLINE_S = 10.0
+SOON = time.time() + 3600  # a valid expiration for the parametrized bad requests
+
+
+async def bounded(aw: Awaitable[T], timeout_s: float = DEADLINE_S) -> T:
+    return await asyncio.wait_for(aw, timeout_s)
+
+
+async def start_swarm(n: int, mesh: bool = False, **kwargs: Any) -> list[DhtNode]:
+    """A chain (each node joins through the previous one, so no node starts out knowing everyone), or with
+    `mesh` each node joins through all earlier ones, so every routing table is complete."""
+    first = DhtNode(host="127.0.0.1", port=0, **kwargs)
+    await bounded(first.start())
+    nodes = [first]
+    for i in range(1, n):
+        peers = [node.address for node in nodes] if mesh else [nodes[i - 1].address]
+        node = DhtNode(host="127.0.0.1", port=0, initial_peers=peers, **kwargs)
+        await bounded(node.start())
+        nodes.append(node)
+    return nodes
+
+
+async def stop_all(nodes: list[DhtNode]) -> None:
+    await bounded(asyncio.gather(*(node.stop(grace_s=0) for node in nodes)))
+
+
+@pytest_asyncio.fixture(scope="module")
+async def swarm() -> AsyncIterator[list[DhtNode]]:
+    nodes = await start_swarm(N_NODES, ksize=KSIZE, alpha=2, rpc_timeout_s=0.5)
+    yield nodes
+    await stop_all(nodes)
+
+
+@pytest_asyncio.fixture
+async def clients(swarm: list[DhtNode]) -> AsyncIterator[list[DhtClient]]:
+    """One single-address client per node, so each call is answered by that very node."""
+    out = [DhtClient([node.address], timeout_s=5.0) for node in swarm]
+    yield out
+    await bounded(asyncio.gather(*(c.close() for c in out)))
+
+
+def unique(name: str) -> str:
+    return f"{name}-{os.urandom(4).hex()}"
+
+
+async def test_ping_and_same_port_for_udp_and_grpc(swarm: list[DhtNode], clients: list[DhtClient]) -> None:
+    reply = await bounded(clients[2].ping())
+    assert reply.address == swarm[2].address
+    assert reply.node_id == swarm[2].node_id and len(reply.node_id) == 40
+    assert reply.peers >= 1
+    assert reply.version
+    udp_port = swarm[2].protocol.transport.get_extra_info("sockname")[1]
+    assert swarm[2].address == f"127.0.0.1:{udp_port}"
+
+
+async def test_record_stored_via_one_node_is_found_at_every_node(
+    swarm: list[DhtNode], clients: list[DhtClient]
+) -> None:
+    key = unique("model.block.7")
+    expiration = time.time() + 60
+    assert await bounded(clients[1].store(key, "peer-a", b"hello", expiration))
+    holders = sum(1 for node in swarm if node.storage.get_record(digest(key)))
+    assert 1 <= holders <= KSIZE + 1
+    latencies = []
+    for client in clients:
+        t0 = time.perf_counter()
+        record = await bounded(client.get(key))
+        latencies.append(time.perf_counter() - t0)
+        assert record["peer-a"].value == b"hello"
+        assert record["peer-a"].expiration == pytest.approx(expiration)
+    print(f"get over {N_NODES} nodes (k={KSIZE}): median {statistics.median(latencies) * 1e3:.1f} ms")
+
+
+async def test_store_reports_replicas(swarm: list[DhtNode]) -> None:
+    item = dht_pb2.SubkeyValue(subkey="s", value=b"v", expiration=time.time() + 30)
+    async with grpc.aio.insecure_channel(swarm[0].address) as channel:
+        stub = dht_pb2_grpc.DhtStub(channel)
+        reply = await bounded(stub.Store(dht_pb2.StoreRequest(key=unique("replicas"), items=[item]), timeout=5))
+    assert reply.stored
+    assert 1 <= reply.replicas <= KSIZE
+
+
+async def test_subkeys_written_through_different_nodes_merge(swarm: list[DhtNode], clients: list[DhtClient]) -> None:
+    key = unique("merge")
+    expiration = time.time() + 60
+    await bounded(asyncio.gather(*(c.store(key, f"peer-{i}", b"%d" % i, expiration) for i, c in enumerate(clients))))
+    for client in clients:
+        record = await bounded(client.get(key))
+        assert {sk: e.value for sk, e in record.items()} == {f"peer-{i}": b"%d" % i for i in range(N_NODES)}
+
+
+async def test_later_expiration_wins_across_nodes(clients: list[DhtClient]) -> None:
+    key = unique("newer")
+    now = time.time()
+    await bounded(clients[0].store(key, "s", b"newer", now + 60))
+    await bounded(clients[3].store(key, "s", b"older", now + 30))
+    for client in clients:
+        assert (await bounded(client.get(key)))["s"].value == b"newer"
+    await bounded(clients[5].store(key, "s", b"newest", now + 90))
+    for client in clients:
+        assert (await bounded(client.get(key)))["s"].value == b"newest"
+
+
+async def test_expired_subkeys_vanish(clients: list[DhtClient]) -> None:
+    key = unique("expiry")
+    now = time.time()
+    await bounded(clients[0].store(key, "short", b"s", now + 0.6))
+    await bounded(clients[0].store(key, "long", b"l", now + 60))
+    assert set(await bounded(clients[4].get(key))) == {"short", "long"}
+    await asyncio.sleep(max(0.0, now + 0.65 - time.time()))
+    for client in clients:
+        assert set(await bounded(client.get(key))) == {"long"}
+
+
+async def test_batch_get_keeps_request_order(clients: list[DhtClient]) -> None:
+    keys = [unique(f"batch{i}") for i in range(5)]
+    expiration = time.time() + 60
+    for i, key in enumerate(keys):
+        if i != 2:  # keys[2] stays missing
+            await bounded(clients[i % len(clients)].store(key, "s", key.encode(), expiration))
+    query = [keys[4], keys[2], keys[0], keys[3], keys[1], keys[0]]
+    records = await bounded(clients[5].batch_get(query))
+    assert [r["s"].value.decode() if r else None for r in records] == [
+        keys[4],
+        None,
+        keys[0],
+        keys[3],
+        keys[1],
+        keys[0],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (dht_pb2.StoreRequest(key="", items=[dht_pb2.SubkeyValue(subkey="s", value=b"v", expiration=SOON)]), "key"),
+        (dht_pb2.StoreRequest(key="k"), "at least one item"),
+        (dht_pb2.StoreRequest(key="k", items=[dht_pb2.SubkeyValue(subkey="", value=b"v", expiration=SOON)]), "sub-key"),
+        (dht_pb2.StoreRequest(key="k", items=[dht_pb2.SubkeyValue(subkey="s", value=b"v", expiration=1.0)]), "future"),
+        (dht_pb2.StoreRequest(key="k", items=[dht_pb2.SubkeyValue(subkey="s", value=b"v", expiration=1e15)]), "ahead"),
+        (
+            dht_pb2.StoreRequest(key="k", items=[dht_pb2.SubkeyValue(subkey="s", value=b"x" * 5000, expiration=SOON)]),
+            "max-value-bytes",
+        ),
+        (
+            dht_pb2.StoreRequest(
+                key="k", items=[dht_pb2.SubkeyValue(subkey="s", value=b"v", expiration=SOON) for _ in range(2)]
+            ),
+            "twice",
+        ),
+    ],
+)
+async def test_malformed_store_is_invalid_argument_and_node_keeps_serving(
+    swarm: list[DhtNode], clients: list[DhtClient], request_: dht_pb2.StoreRequest, message: str
+) -> None:
+    async with grpc.aio.insecure_channel(swarm[1].address) as channel:
+        stub = dht_pb2_grpc.DhtStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await bounded(stub.Store(request_, timeout=5))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in (info.value.details() or "")
+    key = unique("after-bad-store")
+    await bounded(clients[1].store(key, "s", b"ok", time.time() + 30))
+    assert (await bounded(clients[2].get(key)))["s"].value == b"ok"
+
+
+async def test_bad_gets_are_invalid_argument(clients: list[DhtClient]) -> None:
+    with pytest.raises(InvalidRequest, match="empty"):
+        await bounded(clients[0].get(""))
+    with pytest.raises(InvalidRequest, match="at most"):
+        await bounded(clients[0].batch_get([f"k{i}" for i in range(1000)]))
+
+
+def _garbage(rng: random.Random, node_id: bytes) -> list[bytes]:
+    def request(payload: object) -> bytes:
+        return b"\x00" + rng.randbytes(20) + umsgpack.packb(payload)
+
+    shapes: list[object] = [
+        [],
+        ["ping"],
+        ["ping", []],
+        ["ping", [b"short"]],
+        ["ping", "not a list"],
+        ["ping", [node_id]],  # our own id: a reflection, not a contact
+        [b"ping", [b"x" * 20]],
+        ["store", [1, 2, 3]],
+        ["store", [b"x" * 20, b"k" * 20, {"a": "not an entry"}]],
+        ["store", [b"x" * 20, b"k" * 20, {"a": [b"v", 1e300]}]],
+        ["store", [b"x" * 20, b"k" * 20, {f"s{i}": [b"v", time.time() + 9] for i in range(500)}]],
+        ["store", [b"x" * 20, b"short", {}]],
+        ["find_node", [None, None]],
+        ["find_value", [b"x" * 20, 5]],
+        ["find_value", [b"x" * 20, b"k" * 20, "extra"]],
+        ["stun", []],
+        ["__init__", []],
+        ["nonexistent", [1]],
+        {"a": 1},
+        [1.5, [None]],
+    ]
+    out = [request(shape) for shape in shapes]
+    # arrays nested deeper than the recursion limit of the (recursive) unpacker
+    out.append(b"\x00" + rng.randbytes(20) + b"\x91" * 3000 + b"\x90")
+    out.append(b"\x00" + rng.randbytes(20) + umsgpack.packb(["store", [b"x" * 20, b"k" * 20, b"v" * 9000]]))
+    out.append(b"\x01" + rng.randbytes(20) + umsgpack.packb([True, None]))  # reply to nothing
+    out += [b"\x00" + rng.randbytes(20) + rng.randbytes(rng.randint(0, 300)) for _ in range(150)]
+    out += [rng.randbytes(rng.randint(0, 1500)) for _ in range(150)]
+    return out
+
+
+async def test_garbage_datagrams_do_not_break_a_node(swarm: list[DhtNode], clients: list[DhtClient]) -> None:
+    victim = swarm[3]
+    peers_before = victim.peer_count()
+    port = int(victim.address.rsplit(":", 1)[1])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        sender_port = sock.getsockname()[1]
+        for i, datagram in enumerate(_garbage(random.Random(0), victim.node.id)):
+            sock.sendto(datagram, ("127.0.0.1", port))
+            if i % 50 == 0:
+                await asyncio.sleep(0.01)  # let the node drain its socket buffer
+        await asyncio.sleep(0.2)
+    # nothing the garbage said made its sender a contact
+    assert victim.peer_count() == peers_before
+    assert all(n.port != sender_port for b in victim.protocol.router.buckets for n in b.get_nodes())
+    key = unique("after-garbage")
+    await bounded(clients[3].store(key, "s", b"still here", time.time() + 30))
+    for client in clients:
+        assert (await bounded(client.get(key)))["s"].value == b"still here"
+    assert (await bounded(clients[3].ping())).peers >= 1
+
+
+async def test_taken_port_is_a_clear_error() -> None:
+    with socket.socket() as tcp:  # TCP taken, UDP free: the node must not end up on two port numbers
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        node = DhtNode(host="127.0.0.1", port=tcp.getsockname()[1])
+        with pytest.raises(OSError, match="cannot bind gRPC"):
+            await bounded(node.start())
+        await node.stop()
+
+
+def test_config_validates_peers_and_limits() -> None:
+    assert DhtNode(initial_peers="127.0.0.1:1,127.0.0.1:2").config.initial_peers == ("127.0.0.1:1", "127.0.0.1:2")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        DhtNode(initial_peers=["nohost"])
+    with pytest.raises(ValueError, match="8 KiB"):
+        DhtNode(max_value_bytes=10_000)
+
+
+async def test_client_fails_over_when_the_first_node_is_dead(swarm: list[DhtNode]) -> None:
+    with socket.socket() as s:  # a port on loopback that nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    client = DhtClient([dead, swarm[4].address], timeout_s=2.0)
+    try:
+        key = unique("failover")
+        assert await bounded(client.store(key, "s", b"v", time.time() + 30))
+        assert (await bounded(client.get(key)))["s"].value == b"v"
+        assert (await bounded(client.ping())).address == swarm[4].address
+    finally:
+        await client.close()
+
+
+async def test_health_and_reflection_services(swarm: list[DhtNode]) -> None:
+    async with grpc.aio.insecure_channel(swarm[0].address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await bounded(health.Check(health_pb2.HealthCheckRequest(service="pollen.v1.Dht"), timeout=5))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = []
+        async for response in call:
+            names += [s.name for s in response.list_services_response.service]
+        assert "pollen.v1.Dht" in names and "grpc.health.v1.Health" in names
+
+
+async def test_records_survive_churn_through_republish() -> None:
+    # k=2 of 5 nodes: stop every original holder; the record lives on only if republish moved it. Complete
+    # routing tables (mesh) make the lookup's success depend on republish alone, not on who knows whom.
+    nodes = await start_swarm(5, mesh=True, ksize=2, alpha=2, rpc_timeout_s=0.5, republish_period_s=0.3)
+    clients: list[DhtClient] = []
+    try:
+        key = unique("churn")
+        clients.append(DhtClient([nodes[0].address]))
+        await bounded(clients[0].store(key, "s", b"survivor", time.time() + 60))
+        holders = [n for n in nodes if n.storage.get_record(digest(key))]
+        others = [n for n in nodes if n not in holders]
+        assert 1 <= len(holders) <= 2
+        for node in holders[1:]:
+            await bounded(node.stop(grace_s=0))
+        deadline = time.monotonic() + 8
+        while not any(n.storage.get_record(digest(key)) for n in others):
+            assert time.monotonic() < deadline, "no other node received the record by republish"
+            await asyncio.sleep(0.05)
+        await bounded(holders[0].stop(grace_s=0))
+        for node in others:
+            clients.append(DhtClient([node.address]))
+            assert (await bounded(clients[-1].get(key)))["s"].value == b"survivor"
+    finally:
+        await bounded(asyncio.gather(*(c.close() for c in clients)))
+        await stop_all(nodes)
+
+
+async def test_late_joiner_receives_records_it_is_close_to() -> None:
+    nodes = await start_swarm(3, ksize=2, alpha=2, rpc_timeout_s=0.3)
+    client = DhtClient([nodes[0].address])
+    try:
+        keys = [unique(f"late{i}") for i in range(20)]
+        for key in keys:
+            await bounded(client.store(key, "s", b"v", time.time() + 60))
+        late = DhtNode(host="127.0.0.1", port=0, initial_peers=[nodes[2].address], ksize=2, rpc_timeout_s=0.3)
+        await bounded(late.start())
+        nodes.append(late)
+        deadline = time.monotonic() + 3
+        while not len(late.storage):  # with 20 keys and k=2 of 4 nodes it is among the closest of some
+            assert time.monotonic() < deadline, "late joiner got no record handed over"
+            await asyncio.sleep(0.05)
+        async with grpc.aio.insecure_channel(late.address) as channel:
+            reply = await bounded(dht_pb2_grpc.DhtStub(channel).BatchGet(dht_pb2.BatchGetRequest(keys=keys), timeout=5))
+        assert all(len(r.items) == 1 for r in reply.records)
+    finally:
+        await client.close()
+        await stop_all(nodes)
