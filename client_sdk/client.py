@@ -1,7 +1,8 @@
 """SwarmClient: generate text with a model whose blocks run on a swarm of shard servers.
 
 `AsyncSwarmClient` does the work on an asyncio loop: local embeddings -> one InferenceSession across the
-cheapest chain of servers -> local norm + LM head -> sampling, one stream write/read per server per token.
+cheapest chain of servers (which survives servers dying: see session.py) -> local norm + LM head ->
+sampling. With push, one stream write per token and one read per server.
 `SwarmClient` is the blocking facade for plain scripts: it owns a private event-loop thread (the only
 thread the client ever starts) and runs every call there.
 """
@@ -21,41 +22,23 @@ from typing import Any, TypeVar
 
 import torch
 
+from client_sdk.config import ClientConfig
 from client_sdk.directory import SwarmView
 from client_sdk.head import LocalModel, load_local_model
-from client_sdk.routing import missing_ranges
+from client_sdk.remote import RemoteCalls
+from client_sdk.routing import RouteCosts, Span, missing_ranges
 from client_sdk.sampling import SamplingParams, make_generator, sample
-from client_sdk.session import InferenceSession
-from client_sdk.transport import DEFAULT_MAX_MESSAGE_BYTES, ChannelPool
+from client_sdk.session import Failover, InferenceSession, SessionRouter
+from client_sdk.transport import ChannelPool
+from swarm.aio import TaskSet
 from swarm.dht_client import DhtClient, parse_peers
-from swarm.errors import InvalidRequest, PollenError
+from swarm.errors import InvalidRequest
 from swarm.records import ServerRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Prompt = str | list[int] | torch.Tensor
 EosArg = int | Sequence[int] | None | EllipsisType
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """Client options; every wait and retry is bounded."""
-
-    dht_timeout_s: float = 5.0  # one DHT call to one dht-node
-    open_timeout_s: float = 30.0  # a server answering `open` (it may have to allocate the KV cache)
-    step_timeout_s: float = 60.0  # one step on one server (a long prefill on a slow CPU takes a while)
-    max_retries: int = 3  # re-route + re-prefill attempts per generate call after retryable errors
-    retry_backoff_s: float = 0.25  # first backoff, doubled per attempt
-    max_view_age_s: float = 10.0  # re-read the DHT at the start of a generate call if the view is older
-    ban_s: float = 30.0  # how long to route around a server that failed
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-
-    def __post_init__(self) -> None:
-        if self.max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
-        for name in ("dht_timeout_s", "open_timeout_s", "step_timeout_s"):
-            if not 0 < getattr(self, name) < float("inf"):
-                raise ValueError(f"{name} must be a finite positive number of seconds")
 
 
 @dataclass(frozen=True)
@@ -97,15 +80,37 @@ class AsyncSwarmClient:
         self.tokenizer = self.local.tokenizer
         self.dht = DhtClient(peers, timeout_s=self.config.dht_timeout_s)
         self.pool = ChannelPool(self.config.max_message_bytes)
-        self.view = SwarmView(self.dht, self.local.model_id, self.local.num_blocks, self.local.model_hash)
+        cfg = self.config
+        self.view = SwarmView(
+            self.dht,
+            self.local.model_id,
+            self.local.num_blocks,
+            self.local.model_hash,
+            ban_s=cfg.ban_s,
+            max_ban_s=cfg.max_ban_s,
+            rtt_ema_alpha=cfg.rtt_ema_alpha,
+            min_precision=cfg.min_precision,
+        )
+        # Hidden states travel in this dtype (servers reply in it); logits are computed in the local dtype.
+        self.wire_dtype = getattr(torch, cfg.wire_dtype) if cfg.wire_dtype else self.local.dtype
+        self.remote = RemoteCalls(self.pool, self.view, self.local.model_id, cfg)
+        self.last_failovers: list[Failover] = []  # recoveries during the last generate call
+        self.active_session: InferenceSession | None = None  # the session of the running generate call
+        self._tasks = TaskSet()
 
     @property
     def model_id(self) -> str:
         return self.local.model_id
 
     async def connect(self) -> None:
-        """Read the swarm's records once (raises DhtUnavailable if no dht-node answers)."""
+        """Read the swarm's records once (raises DhtUnavailable if no dht-node answers), measure RTTs to
+        the servers, and keep both fresh in the background."""
         records = await self.view.refresh()
+        cfg = self.config
+        await self.view.ping(self.pool, cfg.ping_timeout_s, cfg.max_pinged)
+        if cfg.refresh_period_s > 0 and not len(self._tasks):
+            loop = self.view.run_refresh_loop(self.pool, cfg.refresh_period_s, cfg.ping_timeout_s, cfg.max_pinged)
+            self._tasks.spawn(loop, name="swarm-view-refresh")
         holes = missing_ranges(records.servers(), 0, self.local.num_blocks)
         if holes:
             log.warning("no live server holds blocks %s of %s yet", holes, self.model_id)
@@ -191,49 +196,55 @@ class AsyncSwarmClient:
         pad = int(pad_id) if pad_id is not None else (eos[0] if eos else 0)
         batch, prompt_len = ids.shape
         finished = torch.zeros(batch, dtype=torch.bool)
-        produced: list[torch.Tensor] = []
         head = self.local.head
-        session: InferenceSession | None = None
-        attempts = 0
+        if max_new_tokens == 0:
+            return
+        session = self.active_session = await self.open_session(prompt_len + max_new_tokens, batch)
         try:
-            while len(produced) < max_new_tokens:
-                try:
-                    if session is None:
-                        session = await self._open_session(prompt_len + max_new_tokens, batch)
-                        # Prefill; after a failure, re-prefill everything so far on the new route.
-                        feed = torch.cat([ids, torch.stack(produced, dim=1)], dim=1) if produced else ids
-                    else:
-                        feed = produced[-1].unsqueeze(1)  # [batch, 1]
-                    with torch.inference_mode():
-                        hidden = head.embed(feed)  # [batch, seq, hidden]
-                    hidden = await session.step(hidden)
-                except PollenError as e:
-                    if not e.retryable or attempts >= self.config.max_retries:
-                        raise
-                    attempts += 1
-                    await self._recover(session, e, attempts)
-                    session = None
-                    continue
+            feed = ids  # the prompt first, then one token per step; failovers happen inside session.step
+            for produced in range(max_new_tokens):
+                with torch.inference_mode():
+                    hidden = head.embed(feed).to(self.wire_dtype)  # [batch, seq, hidden]
+                hidden = await session.step(hidden)
                 with torch.inference_mode():
                     logits = head.logits(hidden[:, -1:].to(self.local.dtype))[:, -1]  # [batch, vocab]
-                    if eos and len(produced) < min_new_tokens:
+                    if eos and produced < min_new_tokens:
                         logits[:, eos] = float("-inf")  # as transformers' MinNewTokensLengthLogitsProcessor
                     token = sample(logits, params, generator)  # [batch]
                     if eos_t is not None:
                         token = token.masked_fill(finished, pad)
                         finished |= torch.isin(token, eos_t)
-                produced.append(token)
                 yield token
                 if eos_t is not None and bool(finished.all()):
                     break
+                feed = token.unsqueeze(1)  # [batch, 1]
         finally:
-            if session is not None:
-                await session.close()
+            self.last_failovers = session.failovers
+            await session.close()
 
-    async def _open_session(self, max_length: int, batch: int) -> InferenceSession:
-        if self.view.age_s() > self.config.max_view_age_s:
-            await self.view.refresh()
-        route = self.view.route()
+    def router(self, max_length: int = 0, batch: int = 1) -> SessionRouter:
+        """How sessions re-route: the view's cheapest chain for the lost blocks, waiting for joiners."""
+        cfg = self.config
+
+        async def route(start: int, end: int) -> list[Span]:
+            costs = self._costs(max_length, batch)
+            return await self.view.wait_route(start, end, costs, wait_s=cfg.missing_blocks_wait_s, max_age_s=0.0)
+
+        return SessionRouter(route=route, on_failure=self.view.ban, backoff_s=cfg.backoff_s)
+
+    def _costs(self, max_length: int, batch: int) -> RouteCosts:
+        return RouteCosts(rtts_ms=self.view.rtts_ms, push=self.config.use_push, cache_tokens_needed=max_length * batch)
+
+    async def open_session(self, max_length: int, batch: int = 1) -> InferenceSession:
+        """An open InferenceSession over the cheapest chain for `max_length` tokens of `batch` rows."""
+        cfg = self.config
+        route = await self.view.wait_route(
+            0,
+            self.local.num_blocks,
+            self._costs(max_length, batch),
+            wait_s=cfg.missing_blocks_wait_s,
+            max_age_s=cfg.max_view_age_s,
+        )
         for span in route:
             if max_length > span.record.inference_max_length:
                 raise InvalidRequest(
@@ -247,29 +258,14 @@ class AsyncSwarmClient:
             route,
             max_length=max_length,
             batch_size=batch,
-            step_timeout_s=self.config.step_timeout_s,
-            open_timeout_s=self.config.open_timeout_s,
+            step_timeout_s=cfg.step_timeout_s,
+            open_timeout_s=cfg.open_timeout_s,
+            router=self.router(max_length, batch),
+            max_retries=cfg.max_retries,
+            push=cfg.use_push,
         )
-        try:
-            await session.open()
-        except PollenError:
-            self._avoid_failed(session)
-            raise
+        await session.open()
         return session
-
-    def _avoid_failed(self, session: InferenceSession) -> None:
-        if session.failed_span is not None:
-            self.view.ban(session.failed_span.peer_id, self.config.ban_s)
-
-    async def _recover(self, session: InferenceSession | None, error: PollenError, attempt: int) -> None:
-        """After a retryable error: drop the session, avoid the failing server, back off, re-read the DHT."""
-        if session is not None:
-            self._avoid_failed(session)
-            await session.close()
-        delay = self.config.retry_backoff_s * 2 ** (attempt - 1)
-        log.warning("%s; retry %d/%d in %.2f s", error, attempt, self.config.max_retries, delay)
-        await asyncio.sleep(delay)
-        await self.view.refresh()
 
     def _eos_ids(self, eos_token_id: EosArg) -> list[int]:
         if eos_token_id is ...:
@@ -312,6 +308,7 @@ class AsyncSwarmClient:
         return new[0] if kind == "tensor1d" else new
 
     async def aclose(self) -> None:
+        await self._tasks.cancel_all()
         await self.pool.close()
         await self.dht.close()
 
@@ -359,6 +356,10 @@ class SwarmClient:
             await client.aclose()
             raise
         return client
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the client's loop thread and wait for it (used by the torch modules)."""
+        return self._call(coro)
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._closed:

@@ -1,7 +1,7 @@
-"""`dht-node`: argparse → DhtNodeConfig → run a DhtNode until SIGINT/SIGTERM.
+"""`dht-node`: argparse → DhtNodeConfig → run a DhtNode until SIGINT/SIGTERM; or `--probe HOST:PORT`.
 
 Prints exactly one line to stdout, `dht-node ready at HOST:PORT`, once the node serves (scripts parse it);
-everything else goes to the log on stderr.
+everything else goes to the log on stderr. `--probe` prints a table of announced models and blocks instead.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from dht_node.config import DEFAULT_PORT, DhtNodeConfig
+from dht_node.config import DEFAULT_PORT, DhtNodeConfig, parse_peers
 from dht_node.node import DhtNode
+from dht_node.probe import run_probe
 from dht_node.storage import MAX_VALUE_BYTES_LIMIT
 from swarm.aio import install_signal_handlers, write_ready_file
-from swarm.dht_client import parse_peers
 from swarm.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -27,15 +27,41 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = DhtNodeConfig()
     p = argparse.ArgumentParser(
         prog="dht-node",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a Pollen DHT node: a Kademlia overlay member (UDP) with the pollen.v1.Dht gRPC service "
         "(TCP) on the same port number. Shard servers and clients talk to it over gRPC.",
+        epilog="""records and churn:
+  Sub-keys are owner-only: each carries its writer's Ed25519 public key and a signature over
+  (key, subkey, value, expiration), and the sub-key must be the writer's peer id. Values must
+  fit the swarm.records schemas (<model>.block.<i>: ServerRecord; <model>.model and
+  pollen.models: ModelRecord). A sub-key lives until its expiration, which its writer sets:
+  shard servers re-announce every --announce-every seconds with --ttl (default 30 s), so a
+  server that dies silently disappears from lookups within its TTL. Dead contacts leave the
+  routing table after one unanswered request (--rpc-timeout); the keys they helped hold are
+  re-stored on the new k closest nodes at the next upkeep tick, and every held record is
+  re-stored every --republish-period seconds. No node is special: join through any live one.
+
+memory caps (all per node): one value --max-value-bytes; one key --max-subkeys-per-key
+  sub-keys and 56,000 bytes; --max-keys keys; --max-total-bytes in all; stores from one
+  address beyond 200/s (burst 1000) are dropped. Malformed datagrams are logged and dropped.
+
+examples:
+  dht-node --bootstrap --identity ~/.cache/pollen/dht.key
+  dht-node --initial-peers 10.0.0.5:31337 --host 0.0.0.0 --announce-host 203.0.113.7
+  dht-node --probe 127.0.0.1:31337""",
     )
     join = p.add_mutually_exclusive_group(required=True)
     join.add_argument("--bootstrap", action="store_true", help="start a new swarm (the first node)")
     join.add_argument(
         "--initial-peers",
         metavar="HOST:PORT[,HOST:PORT]",
-        help="join the swarm through these dht-nodes; hostnames are resolved to IPs",
+        help="join the swarm through these dht-nodes (any live ones; none is special); hostnames are resolved",
+    )
+    join.add_argument(
+        "--probe",
+        metavar="HOST:PORT",
+        help="join the swarm through this node as a DHT client, print a table of the models and blocks it "
+        "announces, and exit",
     )
     p.add_argument(
         "--host",
@@ -49,12 +75,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PORT,
         help="port number for both UDP (Kademlia) and TCP (gRPC); 0 picks a free one (default: %(default)s)",
     )
+    p.add_argument(
+        "--announce-host",
+        help="host or IP that peers, servers and clients should use to reach this node, when it differs from "
+        "--host (NAT, port-forward, --host 0.0.0.0) (default: --host)",
+    )
+    p.add_argument(
+        "--identity",
+        metavar="PATH",
+        help="Ed25519 identity file, created (mode 0600) on first start; the node id derives from it so a "
+        "restart keeps the node's place in the swarm (default: a fresh random id each start)",
+    )
+    p.add_argument(
+        "--client",
+        action="store_true",
+        help="client mode: query and store through the swarm, but never enter routing tables or hold records",
+    )
+    p.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="accept unsigned sub-keys under any key (private/test swarms); sub-keys named like a peer id stay "
+        "owner-only. Default: strict, every sub-key signed by its owner and keys must be Pollen record keys",
+    )
     p.add_argument("--ready-file", help="write HOST:PORT to this file once the node serves (for launchers)")
     p.add_argument(
         "--ksize",
         type=int,
         default=defaults.ksize,
-        help="Kademlia k: bucket size and replicas per record (default: %(default)s)",
+        help="Kademlia k: bucket size and replicas per record, at most 64 (default: %(default)s)",
     )
     p.add_argument(
         "--alpha",
@@ -92,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-keys", type=int, default=defaults.max_keys, help="most keys this node holds (default: %(default)s)"
     )
     p.add_argument(
+        "--max-total-bytes",
+        type=int,
+        default=defaults.max_total_bytes,
+        help="most bytes of records this node holds in all (default: %(default)s)",
+    )
+    p.add_argument(
         "--log-level",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         type=str.upper,
@@ -104,12 +158,19 @@ def parse_config(argv: Sequence[str] | None = None) -> DhtNodeConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        peers = tuple(parse_peers(args.initial_peers)) if args.initial_peers else ()
-        if args.initial_peers is not None and not peers:
-            raise ValueError("--initial-peers needs at least one HOST:PORT")
+        joining = args.probe if args.probe is not None else args.initial_peers
+        peers = parse_peers(joining) if joining else ()
+        if joining is not None and not peers:
+            raise ValueError("--initial-peers/--probe needs at least one HOST:PORT")
+        probe = args.probe is not None
         return DhtNodeConfig(
             host=args.host,
-            port=args.port,
+            port=0 if probe else args.port,
+            announce_host=args.announce_host,
+            identity_path=None if probe else args.identity,
+            client_mode=probe or args.client,
+            require_signatures=not args.allow_unsigned,
+            max_total_bytes=args.max_total_bytes,
             initial_peers=peers,
             ksize=args.ksize,
             alpha=args.alpha,
@@ -120,6 +181,7 @@ def parse_config(argv: Sequence[str] | None = None) -> DhtNodeConfig:
             max_keys=args.max_keys,
             ready_file=args.ready_file,
             log_level=args.log_level,
+            probe=probe,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -147,8 +209,8 @@ async def run(config: DhtNodeConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
-    setup_logging(config.log_level)
-    sys.exit(asyncio.run(run(config)))
+    setup_logging(config.log_level or ("WARNING" if config.probe else None))
+    sys.exit(asyncio.run(run_probe(config) if config.probe else run(config)))
 
 
 if __name__ == "__main__":

@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dht_node.storage import MAX_VALUE_BYTES_LIMIT, StorageLimits
-from swarm.dht_client import parse_peers
 
 DEFAULT_PORT = 31337
+
+
+def parse_peers(text: str | Sequence[str]) -> tuple[str, ...]:
+    """ "h:p,h:p" or a list of them → ("h:p", ...); raises ValueError on a malformed address."""
+    items = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
+    peers = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"peer address must be HOST:PORT, got {item!r}")
+        peers.append(item)
+    return tuple(peers)
 
 
 @dataclass(frozen=True)
 class DhtNodeConfig:
     # Interface to bind (UDP and gRPC); also the host part of the announced HOST:PORT. Never 0.0.0.0 by default.
     host: str = "127.0.0.1"
+    # Host others should use to reach us (NAT, port-forward, or binding 0.0.0.0); None = `host`.
+    announce_host: str | None = None
+    # Persistent Ed25519 identity file (created with mode 0600); the Kademlia node id derives from it, so a
+    # restarted node keeps its place in the id space. None = a fresh random id every start.
+    identity_path: str | None = None
+    # Client mode: query and store through the overlay, but never enter routing tables or hold records.
+    client_mode: bool = False
+    # Strict (public swarm): every sub-key must be signed by its owner and keys must be Pollen record keys.
+    # False accepts unsigned sub-keys under any key (private test swarms); peer-id sub-keys stay owner-only.
+    require_signatures: bool = True
     # Port number of both the gRPC server (TCP) and the Kademlia overlay (UDP); 0 picks a free one.
     port: int = DEFAULT_PORT
     # HOST:PORT of dht-nodes to join; empty starts a new swarm.
@@ -32,22 +56,30 @@ class DhtNodeConfig:
     max_subkeys_per_key: int = 128
     # Most keys this node holds.
     max_keys: int = 10_000
+    # Most bytes (packed upper bound) of all records this node holds: bounds memory under a store flood.
+    max_total_bytes: int = 64 << 20
     # File that receives "HOST:PORT" once the node serves (launchers poll it).
     ready_file: str | None = None
     # Log level name for the CLI (tests configure logging themselves).
     log_level: str | None = None
+    # `dht-node --probe`: join as a client, print the swarm's models and blocks, exit.
+    probe: bool = False
 
     def __post_init__(self) -> None:
         # Checked here as well as in argparse so in-process users (tests, embedders) get the same errors.
-        peers = self.initial_peers
         # accept "h:p,h:p" as well as a list of addresses; validates HOST:PORT either way
-        object.__setattr__(self, "initial_peers", tuple(parse_peers(peers if isinstance(peers, str) else list(peers))))
+        object.__setattr__(self, "initial_peers", parse_peers(self.initial_peers))
         if not self.host:
             raise ValueError("host must not be empty")
+        if self.host in ("0.0.0.0", "::", "") and not self.announce_host:
+            raise ValueError(f"--host {self.host} binds every interface; give --announce-host (the address peers use)")
+        if self.announce_host is not None and (not self.announce_host or self.announce_host in ("0.0.0.0", "::")):
+            raise ValueError("announce_host must be a reachable host name or IP")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.ksize < 1 or self.alpha < 1:
-            raise ValueError("ksize and alpha must be at least 1")
+        # A find_value reply carries a record and 2k contacts in one datagram: k stays small enough for both.
+        if not 1 <= self.ksize <= 64 or not 1 <= self.alpha <= 64:
+            raise ValueError("ksize and alpha must be in [1, 64]")
         if not 0 < self.rpc_timeout_s <= 60:
             raise ValueError("rpc_timeout_s must be in (0, 60]")
         if self.republish_period_s <= 0:
@@ -59,5 +91,8 @@ class DhtNodeConfig:
     @property
     def limits(self) -> StorageLimits:
         return StorageLimits(
-            max_value_bytes=self.max_value_bytes, max_subkeys_per_key=self.max_subkeys_per_key, max_keys=self.max_keys
+            max_value_bytes=self.max_value_bytes,
+            max_subkeys_per_key=self.max_subkeys_per_key,
+            max_keys=self.max_keys,
+            max_total_bytes=self.max_total_bytes,
         )

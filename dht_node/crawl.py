@@ -4,7 +4,8 @@ Stock kademlia's ValueSpiderCrawl stops at the first round that sees any value a
 majority of the values (which fails on dicts and lets one stale copy win). RecordCrawl instead walks on to
 the k closest nodes, like a node lookup, and merges every copy it meets: per sub-key the later
 expiration wins, so stale copies lose and sub-keys written through different nodes all show up.
-Both crawls validate what peers answer and skip contacts that recently timed out.
+Both crawls validate what peers answer and skip contacts that recently timed out; RecordCrawl also drops
+sub-keys whose owner signature or schema fails, so a lying node cannot slip a forged announcement in.
 """
 
 from __future__ import annotations
@@ -70,8 +71,11 @@ class RecordCrawl(_Crawl):
     what was found so far.
     """
 
-    def __init__(self, protocol: PollenProtocol, target: Node, peers: list[Node], ksize: int, alpha: int) -> None:
+    def __init__(
+        self, protocol: PollenProtocol, name: str, target: Node, peers: list[Node], ksize: int, alpha: int
+    ) -> None:
         super().__init__(protocol, target, peers, ksize, alpha)
+        self.name = name
         self.record: Record = {}
         self.holders = 0  # nodes that answered with a copy
         # A peer may run with larger caps than ours; a reply is bounded by the datagram size anyway.
@@ -110,7 +114,11 @@ class RecordCrawl(_Crawl):
         if "value" not in payload:
             return contacts, {}
         try:
-            return contacts, parse_wire_record(payload["value"], self._reply_limits, now)
+            record = parse_wire_record(payload["value"], self._reply_limits, now)
         except InvalidRecord as e:
             log.debug("ignored a malformed record in a find_value reply: %s", e)
             return None
+        good, refused = self.protocol.validator.filter(self.name, record)
+        if refused:
+            log.info("a find_value reply for %r held %d bad sub-keys: %s", self.name[:64], len(refused), refused[0])
+        return contacts, good

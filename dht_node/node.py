@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import os
 import socket
-import time
 from typing import Any
 
 import grpc
@@ -26,7 +25,9 @@ from dht_node.crawl import NodeCrawl, RecordCrawl
 from dht_node.protocol import PollenProtocol, valid_node_id
 from dht_node.servicer import DhtServicer
 from dht_node.storage import Record, RecordStorage, merge_into
+from dht_node.validation import RecordValidator
 from swarm.aio import TaskSet
+from swarm.identity import Identity
 from swarm.pb import dht_pb2, dht_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,20 @@ DHT_SERVICE = dht_pb2.DESCRIPTOR.services_by_name["Dht"].full_name  # "pollen.v1
 BIND_ATTEMPTS = 8  # port 0: the free UDP port may be taken on TCP; pick again this many times
 REJOIN_PERIOD_S = 5.0  # while no contact is known, retry the initial peers this often
 REPUBLISH_CONCURRENCY = 8  # keys republished at once (each is a lookup plus k stores)
+# Lookups in flight at once: a BatchGet of 80 keys would otherwise fire ~80*alpha datagrams in one burst and
+# overflow the UDP receive buffers of the nodes it asks (drops look like deaths and cost a full timeout).
+LOOKUP_CONCURRENCY = 16
+UDP_RCVBUF_BYTES = 4 << 20  # asked of the kernel (capped by net.core.rmem_max): absorbs reply bursts
+
+
+def _tcp_port_free(family: int, ip: str, port: int) -> bool:
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+        try:
+            sock.bind((ip, port))
+        except OSError:
+            return False
+    return True
 
 
 def join_host_port(host: str, port: int) -> str:
@@ -50,8 +65,16 @@ class DhtNode:
     def __init__(self, config: DhtNodeConfig | None = None, **overrides: Any) -> None:
         config = config or DhtNodeConfig()
         self.config = dataclasses.replace(config, **overrides) if overrides else config
-        self.node = Node(os.urandom(20))  # Kademlia id: 160 random bits, like kademlia's Server
+        self.identity: Identity | None = None
+        if self.config.identity_path:
+            # The id derives from the key, so a restarted node returns to the same place in the id space and
+            # its old neighbours' records are still its own.
+            self.identity = Identity.load_or_create(self.config.identity_path)
+            self.node = Node(bytes.fromhex(self.identity.peer_id))
+        else:
+            self.node = Node(os.urandom(20))  # Kademlia id: 160 random bits, like kademlia's Server
         self.storage = RecordStorage(self.config.limits)
+        self.validator = RecordValidator(strict=self.config.require_signatures)
         self.tasks = TaskSet()
         self.port = 0
         self._protocol: PollenProtocol | None = None
@@ -59,13 +82,14 @@ class DhtNode:
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._started = self._stopped = False
+        self._lookups = asyncio.Semaphore(LOOKUP_CONCURRENCY)
 
     # ---- lifecycle ----
 
     @property
     def address(self) -> str:
-        """HOST:PORT naming this node for both gRPC and the overlay."""
-        return join_host_port(self.config.host, self.port)
+        """HOST:PORT naming this node for both gRPC and the overlay (the announce host if one is set)."""
+        return join_host_port(self.config.announce_host or self.config.host, self.port)
 
     @property
     def node_id(self) -> str:
@@ -89,7 +113,12 @@ class DhtNode:
         await self._grpc.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(DHT_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        log.info("dht-node %s serving gRPC and UDP on %s", self.node_id[:12], self.address)
+        log.info(
+            "dht-node %s serving gRPC and UDP on %s%s",
+            self.node_id[:12],
+            self.address,
+            " (client mode)" if self.config.client_mode else "",
+        )
         if self.config.initial_peers:
             await self._join()
         else:
@@ -97,23 +126,33 @@ class DhtNode:
         self.tasks.spawn(self._run_maintenance_loop(), name="dht-maintenance")
 
     async def _bind(self) -> None:
-        """Bind UDP first, then gRPC on the same number. UDP goes first because a datagram endpoint can be
-        closed at once, while a gRPC server that failed to bind is simply dropped."""
+        """Bind UDP first, then gRPC on the same number (UDP first because a datagram endpoint is cheap to
+        close and retry). One number names the node everywhere: `--initial-peers` lists these ports."""
         loop = asyncio.get_running_loop()
         cfg = self.config
         for attempt in range(1, BIND_ATTEMPTS + 1):
             transport, protocol = await loop.create_datagram_endpoint(
-                lambda: PollenProtocol(self.node, self.storage, cfg.ksize, cfg.rpc_timeout_s, self.tasks),
+                lambda: PollenProtocol(
+                    self.node, self.storage, cfg.ksize, cfg.rpc_timeout_s, self.tasks, self.validator, cfg.client_mode
+                ),
                 local_addr=(cfg.host, cfg.port),
             )
-            port = int(transport.get_extra_info("sockname")[1])
-            server = self._make_grpc_server()
-            try:
-                server.add_insecure_port(join_host_port(cfg.host, port))
-            except RuntimeError:
+            sockname = transport.get_extra_info("sockname")
+            port = int(sockname[1])
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF_BYTES)
+            server = None
+            # A plain socket tells whether TCP is free without building a gRPC server that then fails to bind.
+            if _tcp_port_free(transport.get_extra_info("socket").family, sockname[0], port):
+                server = self._make_grpc_server()
+                try:
+                    server.add_insecure_port(join_host_port(cfg.host, port))
+                except RuntimeError:  # taken between the check and the bind
+                    await server.stop(None)
+                    server = None
+            if server is None:
                 transport.close()
                 if cfg.port != 0 or attempt == BIND_ATTEMPTS:
-                    raise OSError(f"cannot bind gRPC on {join_host_port(cfg.host, port)} (TCP port taken?)") from None
+                    raise OSError(f"cannot bind gRPC on {join_host_port(cfg.host, port)} (TCP port taken?)")
                 log.debug("TCP port %d is taken though UDP was free; picking another port", port)
                 continue
             self._transport, self._protocol, self._grpc, self.port = transport, protocol, server, port
@@ -176,23 +215,23 @@ class DhtNode:
         return addresses, list(await asyncio.gather(*pings))
 
     async def _ping(self, addr: tuple[str, int]) -> Node | None:
-        ok, node_id = await self.protocol.ping(addr, self.node.id)
+        ok, node_id = await self.protocol.ping(addr, self.protocol.wire_id)
         return Node(node_id, addr[0], addr[1]) if ok and valid_node_id(node_id) else None
 
     async def _run_maintenance_loop(self) -> None:
+        # Ticks are short so that each record is republished within a tick of becoming `period` old, not
+        # up to two periods later; a tick with nothing due only scans the storage.
         period = self.config.republish_period_s
-        next_republish = time.monotonic() + period
         while True:
-            await asyncio.sleep(min(REJOIN_PERIOD_S, period))
+            await asyncio.sleep(min(REJOIN_PERIOD_S, period / 2))
             if self.config.initial_peers and self.peer_count() == 0:
                 await self._join()
-            if time.monotonic() < next_republish:
-                continue
-            next_republish = time.monotonic() + period
             culled = self.storage.cull()
             await self._refresh_buckets()
             republished = await self.republish(older_than_s=period)
-            log.info(
+            # one line when something happened; quiet otherwise
+            log.log(
+                logging.INFO if culled or republished else logging.DEBUG,
                 "upkeep: %d keys held (%d expired), %d republished, %d contacts",
                 len(self.storage),
                 culled,
@@ -216,7 +255,10 @@ class DhtNode:
 
         async def one(key: bytes, record: Record) -> None:
             async with semaphore:
-                replicas = await self._store_digest(key, record, store_locally=False)
+                name = self.storage.name_of(key)
+                if not name:  # cannot happen for records stored through this version; never re-sent unnamed
+                    return
+                replicas = await self._store_digest(key, name, record, store_locally=False)
                 self.storage.mark_republished(key)
                 log.debug("republished %s to %d nodes", key.hex(), replicas)
 
@@ -228,20 +270,21 @@ class DhtNode:
 
     async def store(self, key: str, record: Record) -> int:
         """Merge `record` into the k closest nodes of `key`; returns how many accepted (this node included)."""
-        replicas = await self._store_digest(digest(key), record, store_locally=True)
+        replicas = await self._store_digest(digest(key), key, record, store_locally=not self.config.client_mode)
         log.debug("stored %d sub-keys of %r on %d nodes", len(record), key, replicas)
         return replicas
 
-    async def _store_digest(self, dkey: bytes, record: Record, store_locally: bool) -> int:
+    async def _store_digest(self, dkey: bytes, name: str, record: Record, store_locally: bool) -> int:
         target = Node(dkey)
         nearest = self.protocol.router.find_neighbors(target)
         found = await NodeCrawl(self.protocol, target, nearest, self.config.ksize, self.config.alpha).find()
-        closest = sorted([*found, self.node], key=lambda n: n.distance_to(target))[: self.config.ksize]
+        candidates = [*found, self.node] if store_locally else found
+        closest = sorted(candidates, key=lambda n: n.distance_to(target))[: self.config.ksize]
         replicas = 0
         if store_locally and any(n.id == self.node.id for n in closest):
-            replicas += self.storage.merge(dkey, record)
+            replicas += self.storage.merge(dkey, record, name)
         others = [n for n in closest if n.id != self.node.id]
-        results = await asyncio.gather(*(self.protocol.store_record(n, dkey, record) for n in others))
+        results = await asyncio.gather(*(self.protocol.store_record(n, dkey, record, name) for n in others))
         return replicas + sum(results)
 
     async def get(self, key: str, timeout_s: float | None = None) -> Record:
@@ -252,9 +295,14 @@ class DhtNode:
         target = Node(dkey)
         nearest = self.protocol.router.find_neighbors(target)
         if nearest:
-            crawl = RecordCrawl(self.protocol, target, nearest, self.config.ksize, self.config.alpha)
+            crawl = RecordCrawl(self.protocol, key, target, nearest, self.config.ksize, self.config.alpha)
+
+            async def bounded_find() -> None:
+                async with self._lookups:
+                    await crawl.find()
+
             try:
-                await asyncio.wait_for(crawl.find(), timeout_s)
+                await asyncio.wait_for(bounded_find(), timeout_s)
             except TimeoutError:
                 log.info(
                     "lookup of %r ran out of time after %.2f s; answering with %d copies", key, timeout_s, crawl.holders

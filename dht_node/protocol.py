@@ -10,13 +10,18 @@ What it changes in the stock rpcudp/kademlia code and why:
 * `welcome_if_new` hands records to a new contact by their real key (stock code digests the digest again)
   and keeps the resulting store tasks in a TaskSet;
 * the reply timeout is configurable, late replies and timeouts never touch a cancelled future, and
-  contacts that did not answer are remembered for a while so lookups stop paying their timeout.
+  contacts that did not answer are remembered for a while so lookups stop paying their timeout;
+* stores carry the key's name as a 4th argument, so signatures and schemas are checked (validation.py),
+  and each sender address gets a token bucket of stores (a flood from one address is dropped);
+* client mode: a client sends an empty node id, is never added to anyone's routing table, and answers no
+  requests (it holds nothing); a contact that times out is logged as left and its keys are republished.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeGuard
 
@@ -24,6 +29,7 @@ import umsgpack
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable
+from kademlia.utils import digest
 
 from dht_node.storage import (
     DATAGRAM_LIMIT_BYTES,
@@ -35,6 +41,7 @@ from dht_node.storage import (
     to_wire,
     wire_chunks,
 )
+from dht_node.validation import RecordValidator
 from swarm.aio import TaskSet
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,12 @@ log = logging.getLogger(__name__)
 REQUEST, RESPONSE = b"\x00", b"\x01"
 HEADER_BYTES = 21  # kind byte + 20-byte message id
 DEAD_PEER_TTL_S = 30.0  # how long a contact that timed out is skipped in lookups
+CLIENT_ID = b""  # the node id a client-mode node sends: "answer me, but do not add me"
+MAX_KEY_NAME_CHARS = 1024
+# Token bucket of stores per sender address: a republish burst fits, a flood does not.
+STORE_RATE_PER_S = 200.0
+STORE_BURST = 1000.0
+MAX_TRACKED_SENDERS = 4096  # bounded: the oldest sender's bucket is forgotten first
 
 
 def valid_node_id(value: object) -> TypeGuard[bytes]:
@@ -85,11 +98,45 @@ class _Router(RoutingTable):
         return sum(len(bucket) for bucket in self.buckets)
 
 
+class StoreThrottle:
+    """Per-address token buckets for store requests, in a bounded LRU."""
+
+    def __init__(self, rate_per_s: float = STORE_RATE_PER_S, burst: float = STORE_BURST) -> None:
+        self.rate, self.burst = rate_per_s, burst
+        self._buckets: OrderedDict[tuple[str, int], tuple[float, float]] = OrderedDict()
+        self.dropped = 0
+
+    def allow(self, sender: tuple[str, int]) -> bool:
+        now = time.monotonic()
+        tokens, last = self._buckets.pop(sender, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        ok = tokens >= 1.0
+        self._buckets[sender] = (tokens - 1.0 if ok else tokens, now)
+        if len(self._buckets) > MAX_TRACKED_SENDERS:
+            self._buckets.popitem(last=False)
+        if not ok:
+            self.dropped += 1
+            if self.dropped & (self.dropped - 1) == 0:  # 1st, 2nd, 4th, ... drop: one line, not a flood of them
+                log.warning("store flood from %s:%s: %d stores dropped so far", sender[0], sender[1], self.dropped)
+        return ok
+
+
 class PollenProtocol(KademliaProtocol):
     def __init__(
-        self, source_node: Node, storage: RecordStorage, ksize: int, rpc_timeout_s: float, tasks: TaskSet
+        self,
+        source_node: Node,
+        storage: RecordStorage,
+        ksize: int,
+        rpc_timeout_s: float,
+        tasks: TaskSet,
+        validator: RecordValidator | None = None,
+        client_mode: bool = False,
     ) -> None:
         super().__init__(source_node, storage, ksize)
+        self.validator = validator or RecordValidator()
+        self.client_mode = client_mode
+        self.throttle = StoreThrottle()
+        self.rpcs_sent = 0  # outgoing requests, for benchmarks and the upkeep log
         self._wait_timeout = rpc_timeout_s
         self.storage: RecordStorage = storage
         self.router: _Router = _Router(self, ksize, source_node)
@@ -122,6 +169,8 @@ class PollenProtocol(KademliaProtocol):
             log.debug("dropped a malformed datagram from %s: %s", addr, f"{type(e).__name__}: {e}"[:200])
 
     def _handle_request(self, msg_id: bytes, payload: object, addr: tuple[Any, ...]) -> None:
+        if self.client_mode:
+            return  # a client holds nothing and is in nobody's table: requests to it are strays
         if not isinstance(payload, list) or len(payload) != 2 or not isinstance(payload[1], list | tuple):
             log.debug("dropped a request of the wrong shape from %s", addr)
             return
@@ -162,7 +211,16 @@ class PollenProtocol(KademliaProtocol):
 
     # ---- rpc handlers: sender is the (ip, port) the datagram came from ----
 
-    def _source(self, sender: tuple[Any, ...], nodeid: object) -> Node | None:
+    @property
+    def wire_id(self) -> bytes:
+        """The node id we send: our own, or CLIENT_ID so that nobody adds us to a routing table."""
+        return CLIENT_ID if self.client_mode else bytes(self.source_node.id)
+
+    def _source(self, sender: tuple[Any, ...], nodeid: object) -> Node | None | bool:
+        """The sender as a contact (welcomed into our table); False for a client (served, never added);
+        None for an invalid id (the request is dropped)."""
+        if nodeid == CLIENT_ID:
+            return False
         if not valid_node_id(nodeid) or nodeid == self.source_node.id:
             return None
         source = Node(nodeid, sender[0], sender[1])
@@ -175,22 +233,34 @@ class PollenProtocol(KademliaProtocol):
             return None
         return self.source_node.id
 
-    def rpc_store(self, sender: tuple[Any, ...], nodeid: object, key: object, value: object) -> bool | None:
+    def rpc_store(
+        self, sender: tuple[Any, ...], nodeid: object, key: object, value: object, name: object = None
+    ) -> bool | None:
         # Validate everything before welcoming the sender: a peer that sends garbage stays out of our table.
-        if not valid_node_id(nodeid) or not valid_node_id(key):
+        if not (valid_node_id(nodeid) or nodeid == CLIENT_ID) or not valid_node_id(key):
             log.debug("rejected store from %s: node id or key is not a %d-byte digest", sender, KEY_DIGEST_BYTES)
             return None
+        if not self.throttle.allow((sender[0], sender[1])):
+            return None
+        if not isinstance(name, str) or len(name) > MAX_KEY_NAME_CHARS or digest(name) != key:
+            log.debug(
+                "rejected store of %s from %s: missing key name or it does not hash to the key", key.hex(), sender
+            )
+            return False
         try:
             record = parse_wire_record(value, self.storage.limits, self.storage.clock())
         except InvalidRecord as e:
             log.debug("rejected store of %s from %s: %s", key.hex(), sender, e)
             return False
+        good, refused = self.validator.filter(name, record)
+        if refused:
+            log.info("refused %d sub-keys of %r from %s: %s", len(refused), name[:64], sender, refused[0])
         if self._source(sender, nodeid) is None:
             return None
-        accepted = self.storage.merge(key, record)
+        accepted = self.storage.merge(key, good, name) if good else True
         if not accepted:
-            log.info("store of %s from %s hit a storage cap; part of it was refused", key.hex(), sender)
-        return accepted
+            log.info("store of %r from %s hit a storage cap; part of it was refused", name[:64], sender)
+        return accepted and not refused
 
     def rpc_find_node(self, sender: tuple[Any, ...], nodeid: object, key: object) -> list[tuple[Any, ...]] | None:
         if not valid_node_id(key):
@@ -198,6 +268,8 @@ class PollenProtocol(KademliaProtocol):
         source = self._source(sender, nodeid)
         if source is None:
             return None
+        if source is False:
+            source = None  # a client: nothing to exclude
         # Twice k contacts, minus those we saw time out: when the closest ones have died, a lookup still
         # has live fallbacks (a crawl shows only the k nearest and reaches the rest as the others fail).
         neighbors = self.router.find_neighbors(Node(key), k=2 * self.router.ksize, exclude=source)
@@ -215,14 +287,50 @@ class PollenProtocol(KademliaProtocol):
 
     # ---- outgoing calls ----
 
+    async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
+        self.rpcs_sent += 1
+        result = await self.find_node((node_to_ask.ip, node_to_ask.port), self.wire_id, node_to_find.id)
+        return self.handle_call_response(result, node_to_ask)
+
+    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
+        self.rpcs_sent += 1
+        result = await self.find_value((node_to_ask.ip, node_to_ask.port), self.wire_id, node_to_find.id)
+        return self.handle_call_response(result, node_to_ask)
+
+    async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
+        self.rpcs_sent += 1
+        result = await self.ping((node_to_ask.ip, node_to_ask.port), self.wire_id)
+        return self.handle_call_response(result, node_to_ask)
+
+    async def call_store(self, node_to_ask: Node, key: bytes, value: Any, name: str = "") -> tuple[bool, Any]:
+        self.rpcs_sent += 1
+        result = await self.store((node_to_ask.ip, node_to_ask.port), self.wire_id, key, value, name)
+        return self.handle_call_response(result, node_to_ask)
+
     def handle_call_response(self, result: tuple[bool, Any], node: Node) -> tuple[bool, Any]:
         if not result[0]:
-            log.debug("no reply from %s within %.1f s; dropping it from the routing table", node, self._wait_timeout)
-            self.router.remove_contact(node)
-            self._dead_until[(node.ip, node.port)] = time.monotonic() + DEAD_PEER_TTL_S
+            self._contact_left(node)
             return result
         self.welcome_if_new(node)
         return result
+
+    def _contact_left(self, node: Node) -> None:
+        """A contact did not answer: drop it, skip it in lookups for a while, and make the keys it helped hold
+        due for republishing so they regain k copies on the nodes now closest to them."""
+        was_known = not self.router.is_new_node(node)
+        self._dead_until[(node.ip, node.port)] = time.monotonic() + DEAD_PEER_TTL_S
+        if not was_known:
+            return
+        due = 0
+        for key, _ in self.storage:
+            keynode = Node(key)
+            neighbors = self.router.find_neighbors(keynode)
+            if neighbors and node.distance_to(keynode) <= neighbors[-1].distance_to(keynode):
+                self.storage.mark_due(key)
+                due += 1
+        self.router.remove_contact(node)
+        log.info("contact left: %s:%s (no reply in %.1f s); %d keys to republish", node.ip, node.port,
+                 self._wait_timeout, due)  # fmt: skip
 
     def is_dead(self, node: Node) -> bool:
         until = self._dead_until.get((node.ip, node.port))
@@ -233,10 +341,10 @@ class PollenProtocol(KademliaProtocol):
             return False
         return True
 
-    async def store_record(self, node: Node, key: bytes, record: Record) -> bool:
+    async def store_record(self, node: Node, key: bytes, record: Record, name: str) -> bool:
         """Store a record on one node in as many requests as the 8 KiB limit needs; True if all accepted."""
         for chunk in wire_chunks(record):
-            ok, accepted = await self.call_store(node, key, chunk)
+            ok, accepted = await self.call_store(node, key, chunk, name)
             if not ok or accepted is not True:
                 return False
         return True
@@ -245,7 +353,7 @@ class PollenProtocol(KademliaProtocol):
         """Section 2.5 of the paper: hand a new contact the records it should now hold, then add it."""
         if not self.router.is_new_node(node):
             return
-        log.debug("new contact %s", node)
+        log.info("contact joined: %s:%s (id %s)", node.ip, node.port, node.id.hex()[:12])
         for key, record in self.storage:
             keynode = Node(key)  # storage keys are already digests (stock code hashes them again)
             neighbors = self.router.find_neighbors(keynode)
@@ -253,5 +361,7 @@ class PollenProtocol(KademliaProtocol):
                 new_node_close = node.distance_to(keynode) < neighbors[-1].distance_to(keynode)
                 this_closest = self.source_node.distance_to(keynode) < neighbors[0].distance_to(keynode)
             if not neighbors or (new_node_close and this_closest):
-                self.tasks.spawn(self.store_record(node, key, record), name="dht-welcome-store")
+                name = self.storage.name_of(key)
+                if name:
+                    self.tasks.spawn(self.store_record(node, key, record, name), name="dht-welcome-store")
         self.router.add_contact(node)

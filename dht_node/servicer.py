@@ -70,6 +70,7 @@ class DhtServicer(dht_pb2_grpc.DhtServicer):
     async def Store(self, request: dht_pb2.StoreRequest, context: grpc.aio.ServicerContext) -> dht_pb2.StoreResponse:
         _check_key(request.key)
         record = self._parse_items(request.items)
+        self._check_record(request.key, record)
         replicas = await self.node.store(request.key, record)
         return dht_pb2.StoreResponse(stored=replicas > 0, replicas=replicas)
 
@@ -138,6 +139,13 @@ class DhtServicer(dht_pb2_grpc.DhtServicer):
                 )
             record[item.subkey] = Entry(item.value, item.expiration, item.public_key, item.signature)
         return record
+
+    def _check_record(self, key: str, record: Record) -> None:
+        """Signature, ownership and schema checks, as every other node will run them: fail loudly here rather
+        than have the k closest nodes silently refuse the store."""
+        _, refused = self.node.validator.filter(key, record)
+        if refused:
+            raise InvalidRequest(f"store of {key[:64]!r} refused: {refused[0]}")
 
 
 def _check_key(key: str) -> None:

@@ -65,6 +65,7 @@ class StorageLimits:
     max_keys: int = 10_000  # distinct keys held by this node
     max_record_bytes: int = MAX_RECORD_BYTES  # one key's record, so a find_value reply fits a datagram
     max_ttl_s: float = MAX_TTL_S
+    max_total_bytes: int = 64 << 20  # everything this node holds (upper bound of packed sizes)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_value_bytes <= MAX_VALUE_BYTES_LIMIT:
@@ -73,6 +74,8 @@ class StorageLimits:
             raise ValueError("max_subkeys_per_key and max_keys must be at least 1")
         if not 1 <= self.max_record_bytes <= MAX_RECORD_BYTES:
             raise ValueError(f"max_record_bytes must be in [1, {MAX_RECORD_BYTES}]")
+        if self.max_total_bytes < self.max_record_bytes:
+            raise ValueError("max_total_bytes must be at least max_record_bytes")
 
 
 def entry_bytes(subkey: str, entry: Entry) -> int:
@@ -158,10 +161,16 @@ def wire_chunks(record: Record, budget_bytes: int = STORE_CHUNK_BYTES) -> list[d
     return chunks
 
 
+def record_bytes(record: Record) -> int:
+    return sum(entry_bytes(subkey, entry) for subkey, entry in record.items())
+
+
 @dataclass
 class _Slot:
     record: Record
     touched: float  # monotonic time of the last store received or republish sent for this key
+    name: str = ""  # the key itself (we index by its digest): republish and signature checks need it
+    size: int = 0  # record_bytes(record), kept for the total-bytes cap
 
 
 class RecordStorage(IStorage):
@@ -172,20 +181,34 @@ class RecordStorage(IStorage):
         self.limits = limits or StorageLimits()
         self.clock = clock  # wall clock: expirations are absolute unix times
         self._slots: dict[bytes, _Slot] = {}
+        self.total_bytes = 0
 
-    def merge(self, key: bytes, record: Record) -> bool:
+    def _set(self, key: bytes, slot: _Slot, record: Record) -> None:
+        """Replace a slot's record, keeping the byte total right; an emptied slot is dropped."""
+        size = record_bytes(record)
+        self.total_bytes += size - slot.size
+        slot.record, slot.size = record, size
+        if not record:
+            self._slots.pop(key, None)
+
+    def merge(self, key: bytes, record: Record, name: str = "") -> bool:
         """Merge a validated record. Returns False if a cap refused any sub-key (the rest is still merged):
         the store then does not count as a replica."""
         now = self.clock()
         slot = self._slots.get(key)
         if slot is None:
-            if len(self._slots) >= self.limits.max_keys:
+            if len(self._slots) >= self.limits.max_keys or self.total_bytes >= self.limits.max_total_bytes:
                 self.cull()
             if len(self._slots) >= self.limits.max_keys:
                 return False
             slot = self._slots[key] = _Slot({}, time.monotonic())
-        current = slot.record = live(slot.record, now)
-        size = sum(entry_bytes(sk, e) for sk, e in current.items())
+        if name and not slot.name:
+            slot.name = name
+        current = live(slot.record, now)
+        self._set(key, slot, current)
+        if not current:
+            self._slots[key] = slot  # _set dropped the empty slot; we are about to fill it
+        size = slot.size
         accepted = True
         for subkey, entry in record.items():
             if entry.expiration <= now:
@@ -194,16 +217,17 @@ class RecordStorage(IStorage):
             if old is not None and not entry.wins_over(old):
                 continue  # we already hold a newer entry: the store is satisfied, not refused
             grow = entry_bytes(subkey, entry) - (entry_bytes(subkey, old) if old is not None else 0)
-            if (old is None and len(current) >= self.limits.max_subkeys_per_key) or (
-                size + grow > self.limits.max_record_bytes
+            if (
+                (old is None and len(current) >= self.limits.max_subkeys_per_key)
+                or size + grow > self.limits.max_record_bytes
+                or self.total_bytes + (size - slot.size) + grow > self.limits.max_total_bytes
             ):
                 accepted = False
                 continue
             current[subkey] = entry
             size += grow
         slot.touched = time.monotonic()
-        if not current:
-            del self._slots[key]
+        self._set(key, slot, current)
         return accepted
 
     def get_record(self, key: bytes) -> Record:
@@ -211,11 +235,20 @@ class RecordStorage(IStorage):
         slot = self._slots.get(key)
         if slot is None:
             return {}
-        slot.record = live(slot.record, self.clock())
-        if not slot.record:
-            del self._slots[key]
-            return {}
-        return dict(slot.record)
+        record = live(slot.record, self.clock())
+        if len(record) != len(slot.record):
+            self._set(key, slot, record)
+        return dict(record)
+
+    def name_of(self, key: bytes) -> str:
+        slot = self._slots.get(key)
+        return slot.name if slot is not None else ""
+
+    def mark_due(self, key: bytes) -> None:
+        """Make `key` due for republishing at the next upkeep tick (one of its holders left)."""
+        slot = self._slots.get(key)
+        if slot is not None:
+            slot.touched = float("-inf")
 
     def cull(self) -> int:
         """Drop expired sub-keys and emptied keys; returns how many keys were dropped."""
@@ -223,9 +256,10 @@ class RecordStorage(IStorage):
         dropped = 0
         for key in list(self._slots):
             slot = self._slots[key]
-            slot.record = live(slot.record, now)
-            if not slot.record:
-                del self._slots[key]
+            record = live(slot.record, now)
+            if len(record) != len(slot.record):
+                self._set(key, slot, record)
+            if not record:
                 dropped += 1
         return dropped
 

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from swarm.blocks import BlockRange, block_key
 from swarm.dht_client import DhtClient
 from swarm.errors import PollenError
-from swarm.records import ServerRecord, ServerState
+from swarm.identity import Identity
+from swarm.records import MODELS_KEY, ModelRecord, ServerRecord, ServerState, model_key
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ class Announcer:
         make_record: Callable[[ServerState], ServerRecord],
         ttl_s: float,
         period_s: float,
+        identity: Identity | None = None,
+        model_info: ModelRecord | None = None,
     ) -> None:
         self.dht = dht  # None: standalone, records are built (for Info) but never stored
         self.model_id = model_id
@@ -37,6 +40,10 @@ class Announcer:
         self.period_s = period_s
         self.record: ServerRecord | None = None  # the last record built (stored or not)
         self.last_expiration = 0.0  # latest expiration ever sent; OFFLINE must expire later to win the merge
+        # With an identity every sub-key is signed (strict dht-nodes refuse anything else) and peer_id must be
+        # identity.peer_id; model_info is also announced under <model>.model and the pollen.models index.
+        self.identity = identity
+        self.model_info = model_info
 
     async def announce(self, state: ServerState, expiration: float | None = None) -> bool:
         """Build a fresh record and store it for all blocks concurrently; True if every store succeeded."""
@@ -49,9 +56,18 @@ class Announcer:
         value = record.encode()
         # Counted before the store: a store cancelled mid-flight may still land, and OFFLINE must outlive it.
         self.last_expiration = max(self.last_expiration, expiration)
-        dht = self.dht
+        dht, identity = self.dht, self.identity
+        items = [(block_key(self.model_id, i), value) for i in range(*self._range())]
+        if self.model_info is not None:
+            info = self.model_info.encode()
+            items += [(model_key(self.model_id), info), (MODELS_KEY, info)]
         results = await asyncio.gather(
-            *(dht.store(block_key(self.model_id, i), self.peer_id, value, expiration) for i in range(*self._range())),
+            *(
+                dht.store_signed(identity, key, data, expiration)
+                if identity is not None
+                else dht.store(key, self.peer_id, data, expiration)
+                for key, data in items
+            ),
             return_exceptions=True,
         )
         failures = [r for r in results if r is not True]

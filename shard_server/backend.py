@@ -1,5 +1,5 @@
-"""BlockBackend: the torch work of a shard server (forward, backward, one inference step) over its loaded
-span. Pure torch, no I/O, no asyncio: every method runs on the server's single worker thread.
+"""BlockBackend: the torch work of a shard server (forward, backward, inference steps alone or batched across
+sessions) over its loaded span. Pure torch, no I/O, no asyncio: every method runs on the server's worker thread.
 
 Tensors come in and go out on the CPU in the caller's float dtype; the backend converts to the server's
 device/dtype at the boundary so clients may send float32 to a bfloat16 server and get float32 back.
@@ -9,15 +9,20 @@ padding (`cumsum(mask) - 1`), so padded rows see the same positions as unpadded 
 
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from shard_server.decode import batched_decode, supports_batched_decode
+from shard_server.kv_cache import PreallocatedLayer, cache_nbytes, new_preallocated_cache
 from shard_server.loader import ModelInfo, sub_span
 from swarm.blocks import BlockRange
 from swarm.models import BlockSpan
+from swarm.models.llama import LlamaSpan
+
+if TYPE_CHECKING:
+    from shard_server.cache import Session
 
 
 class BlockBackend:
@@ -29,6 +34,7 @@ class BlockBackend:
         self.dtype = dtype
         # Sub-range spans share the loaded layers; at most n(n+1)/2 of them, each a few small buffers.
         self._spans: dict[BlockRange, BlockSpan] = {span.blocks: span}
+        self._batchable = supports_batched_decode(span)
 
     def span_for(self, blocks: BlockRange) -> BlockSpan:
         span = self._spans.get(blocks)
@@ -37,9 +43,22 @@ class BlockBackend:
             self._spans[blocks] = span
         return span
 
-    def new_cache(self, blocks: BlockRange) -> Any:
-        """An empty KV cache for a session over `blocks` (a prefix of the held range: local layers 0..n-1)."""
-        return self.span_for(blocks).new_cache()
+    def new_cache(self, blocks: BlockRange, max_length: int | None = None) -> Any:
+        """A session's KV cache over `blocks` (a prefix of the held range: local layers 0..n-1): preallocated for
+        `max_length` tokens at the first write (what servers use), or the family's growing cache without one."""
+        span = self.span_for(blocks)
+        if max_length is None:
+            return span.new_cache()
+        return new_preallocated_cache(span.slice_config, len(blocks), max_length)  # type: ignore[attr-defined]
+
+    def can_batch(self, blocks: BlockRange) -> bool:
+        return self._batchable
+
+    def measure_kv_bytes_per_token(self) -> int:
+        """KV bytes of one token (batch 1) through ONE block, measured with a real cache (exact for any family)."""
+        cache = self.new_cache(self.blocks, 1)
+        self.inference_step(self.blocks, cache, 0, torch.zeros(1, 1, self.hidden_size))
+        return max(1, cache_nbytes(cache) // len(self.blocks))
 
     def forward(
         self,
@@ -81,26 +100,66 @@ class BlockBackend:
         """Append this step's keys/values to `cache` at `position` (rolling back anything after it first)."""
         span = self.span_for(blocks)
         with torch.inference_mode():
-            if position < span.cache_length(cache):
-                span.crop_cache(cache, position)
-            if hypo_ids is not None:
-                span.reorder_cache(cache, hypo_ids.to(self.device))
+            self._prepare(span, cache, position, hypo_ids)
             mask, positions = self._mask_and_positions(attention_mask, hidden.shape[1])
             out = span(self._to_compute(hidden), cache, mask, positions)
             return out.to(dtype=hidden.dtype).cpu()
 
+    def session_step(
+        self,
+        session: Session,
+        position: int,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        hypo_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One step of one session; its KV cache is created here, so all torch state lives on the worker."""
+        if session.cache is None:
+            session.cache = self.new_cache(session.blocks, session.max_length)
+        if hidden.shape[1] == 1 and attention_mask is None and self._batchable:
+            # The same code as a batched decode, so a step gives the same numbers alone or batched.
+            return self.decode_batch(session.blocks, [(session, position, hidden, hypo_ids)])[0]
+        return self.inference_step(session.blocks, session.cache, position, hidden, attention_mask, hypo_ids)
+
+    def decode_batch(
+        self,
+        blocks: BlockRange,
+        steps: Sequence[tuple[Session, int, torch.Tensor, torch.Tensor | None]],  # (session, position, [b,1,H], hypo)
+    ) -> list[torch.Tensor]:  # per step [b, 1, hidden], CPU, dtype of its input
+        """Single-token steps of several sessions over the same blocks as one batched forward (decode.py)."""
+        span = self.span_for(blocks)
+        assert isinstance(span, LlamaSpan)
+        with torch.inference_mode():
+            caches = []
+            for session, position, _, hypo_ids in steps:
+                if session.cache is None:
+                    session.cache = self.new_cache(session.blocks, session.max_length)
+                self._prepare(span, session.cache, position, hypo_ids)
+                caches.append(session.cache)
+            hidden = torch.cat([self._to_compute(h) for _, _, h, _ in steps], dim=0)  # [rows, 1, hidden]
+            rows = [h.shape[0] for _, _, h, _ in steps]
+            out = batched_decode(span, hidden, caches, rows).cpu()
+            parts = out.split(rows, dim=0)
+            return [p.to(dtype=h.dtype) for p, (_, _, h, _) in zip(parts, steps, strict=True)]
+
     def measure_throughput(self, steps: int = 4) -> float:
-        """Tokens/s of single-token inference steps through the whole span, after one warm-up prefill+step."""
-        cache = self.new_cache(self.blocks)
-        token = torch.randn(1, 1, self.hidden_size)
-        self.inference_step(self.blocks, cache, 0, token)  # warm-up: first calls allocate and pick kernels
-        self.inference_step(self.blocks, cache, 1, token)
-        times = []
-        for i in range(steps):
-            t0 = time.perf_counter()
-            self.inference_step(self.blocks, cache, 2 + i, token)
-            times.append(time.perf_counter() - t0)
-        return 1.0 / max(statistics.median(times), 1e-6)
+        """Tokens/s of single-token inference steps through the whole span (kept for callers; see throughput.py)."""
+        from shard_server.throughput import measure_inference_tps
+
+        return measure_inference_tps(self, steps)
+
+    def _prepare(self, span: BlockSpan, cache: Any, position: int, hypo_ids: torch.Tensor | None) -> None:
+        """Roll the cache back to `position` and apply a beam reorder, before this step writes to it."""
+        layers = getattr(cache, "layers", ())
+        if layers and all(isinstance(layer, PreallocatedLayer) for layer in layers):
+            # Per layer, so a step that failed half-way through the layers is rolled back exactly too.
+            for layer in layers:
+                if layer.length > position:
+                    layer.crop(position - layer.length)
+        elif position < span.cache_length(cache):
+            span.crop_cache(cache, position)
+        if hypo_ids is not None:
+            span.reorder_cache(cache, hypo_ids.to(self.device))
 
     def _to_compute(self, t: torch.Tensor) -> torch.Tensor:
         # No copy when the client already sends the server's dtype on the server's device.

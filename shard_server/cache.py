@@ -1,21 +1,36 @@
-"""SessionCache: the open inference sessions of one server and its KV-cache token budget.
+"""SessionCache: the server's KV-cache memory manager. One byte budget for all sessions on the server.
 
-A session reserves `max_length × batch_size` tokens when it opens and gives them back when its stream
-ends. Reservation is up front so a session that was admitted never fails mid-generation for lack of room.
-Only the event loop touches this object; the KV tensors themselves are created and mutated on the worker.
+A session reserves the KV bytes of `max_length × batch_size` tokens over its blocks when it opens, and its
+preallocated buffers (kv_cache.py) can never use more, so the sum of reservations bounds real memory: clients
+cannot make the server run out of memory, however many sessions they open. When the budget (or the session
+limit) is full, `open` waits in FIFO order up to the alloc timeout, then fails with RESOURCE_EXHAUSTED saying
+how much was asked and how much is free. Only the event loop touches this object; the KV tensors themselves
+are created and written on the worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from shard_server.kv_cache import cache_nbytes
 from swarm.blocks import BlockRange
 from swarm.errors import CacheExhausted, ServerDraining
 
 log = logging.getLogger(__name__)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 @dataclass(eq=False)
@@ -27,41 +42,136 @@ class Session:
     blocks: BlockRange  # a prefix [server.start, b) of the held range
     max_length: int
     batch_size: int
-    reserved_tokens: int
+    reserved_tokens: int  # max_length × batch_size
+    reserved_bytes: int  # what the preallocated KV buffers of this session may occupy
     length: int = 0  # tokens in the KV cache; the next step's position must be <= this
     cache: Any = field(default=None, repr=False)  # created on the worker at the first step
+    last_active: float = field(default_factory=time.monotonic)
+    task: asyncio.Task[Any] | None = field(default=None, repr=False)  # the stream's handler, to end it
+    closed_reason: str = ""  # set when the server ends the session (idle, moving blocks)
+    inflight: asyncio.Future[Any] | None = field(default=None, repr=False)  # a step handed to the worker
+
+    def close(self, reason: str) -> None:
+        """End the session's stream from outside it: the client gets NOT_FOUND with `reason`."""
+        if self.task is not None and not self.task.done():
+            self.closed_reason = reason
+            self.task.cancel()
+
+
+@dataclass(eq=False)
+class _Waiter:
+    need_bytes: int
+    future: asyncio.Future[None]
 
 
 class SessionCache:
-    def __init__(self, budget_tokens: int) -> None:
-        self.budget_tokens = budget_tokens
-        self._used_tokens = 0
+    def __init__(
+        self,
+        budget_bytes: int = 0,
+        token_bytes_per_block: int = 1,
+        held_blocks: int = 1,
+        max_sessions: int = 1 << 20,
+        alloc_timeout_s: float = 0.0,
+    ) -> None:
+        self.max_sessions = max_sessions
+        self.alloc_timeout_s = alloc_timeout_s
+        self.set_budget(budget_bytes, token_bytes_per_block, held_blocks)
+        self._used_bytes = 0
+        self._admitted = 0  # sessions open + granted but not yet registered (the session limit counts both)
         self._sessions: dict[int, Session] = {}
         self._handles = itertools.count(1)
+        self._waiters: deque[_Waiter] = deque()
         self._draining = False
+
+    def set_budget(self, budget_bytes: int, token_bytes_per_block: int, held_blocks: int) -> None:
+        """Size the budget once the blocks are loaded and a token's KV bytes are measured."""
+        self.budget_bytes = max(0, budget_bytes)
+        self.token_bytes_per_block = max(1, token_bytes_per_block)
+        self.held_blocks = max(1, held_blocks)
+
+    # ---- figures (announced, exported as metrics) ---------------------------------------------------
+
+    @property
+    def token_bytes(self) -> int:
+        """KV bytes of one token through all held blocks."""
+        return self.token_bytes_per_block * self.held_blocks
+
+    @property
+    def budget_tokens(self) -> int:
+        return self.budget_bytes // self.token_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        return self.budget_bytes - self._used_bytes
 
     @property
     def tokens_left(self) -> int:
-        return self.budget_tokens - self._used_tokens
+        return max(0, self.free_bytes) // self.token_bytes
 
     @property
     def active_sessions(self) -> int:
         return len(self._sessions)
 
-    def open(self, session_id: str, blocks: BlockRange, max_length: int, batch_size: int) -> Session:
-        """Admit a session or raise CacheExhausted/ServerDraining; the caller must `release` it."""
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def allocated_bytes(self) -> int:
+        """Bytes of KV buffers that really exist now (<= used_bytes; buffers appear at a session's first step)."""
+        return sum(cache_nbytes(s.cache) for s in self._sessions.values() if s.cache is not None)
+
+    # ---- admission --------------------------------------------------------------------------------------
+
+    async def open(
+        self, session_id: str, blocks: BlockRange, max_length: int, batch_size: int, timeout_s: float | None = None
+    ) -> Session:
+        """Admit a session, waiting up to the alloc timeout for room; the caller must `release` it.
+
+        Raises ServerDraining while shutting down or moving, CacheExhausted when the budget stays full.
+        """
         if self._draining:
             raise ServerDraining("server is shutting down and accepts no new sessions; use another server")
-        need = max_length * batch_size
-        free = self.tokens_left
-        if need > free:
+        tokens = max_length * batch_size
+        need = tokens * self.token_bytes_per_block * len(blocks)
+        what = f"session {session_id!r} asks for {tokens} cache tokens (max_length {max_length} x batch {batch_size})"
+        if need > self.budget_bytes:
             raise CacheExhausted(
-                f"session {session_id!r} asks for {need} cache tokens (max_length {max_length} x batch "
-                f"{batch_size}) but only {free} of {self.budget_tokens} are free"
+                f"{what} = {format_bytes(need)} over blocks {blocks} but only {self.tokens_left} of "
+                f"{self.budget_tokens} are free, and it can never fit: that is more than this server's whole cache "
+                f"budget ({format_bytes(self.budget_bytes)}); ask for a shorter max_length or another server"
             )
-        session = Session(next(self._handles), session_id, blocks, max_length, batch_size, need)
+        timeout = self.alloc_timeout_s if timeout_s is None else timeout_s
+        t0 = time.monotonic()
+        if not self._waiters and self._fits(need):
+            self._admit(need)  # the fast path: no waiting, no future
+        else:
+            waiter = _Waiter(need, asyncio.get_running_loop().create_future())
+            self._waiters.append(waiter)
+            try:
+                if timeout <= 0:
+                    raise TimeoutError
+                # shield: a timeout must not cancel a grant that is being handed over at the same moment
+                await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+            except TimeoutError:
+                self._abandon(waiter)
+                raise CacheExhausted(
+                    f"{what} but {self._why_full()} ({format_bytes(self.free_bytes)} of "
+                    f"{format_bytes(self.budget_bytes)} free) after waiting {time.monotonic() - t0:.1f} s; "
+                    f"try another server or later"
+                ) from None
+            except asyncio.CancelledError:
+                self._abandon(waiter)
+                raise
+        session = Session(next(self._handles), session_id, blocks, max_length, batch_size, tokens, need)
         self._sessions[session.handle] = session
-        self._used_tokens += need
         log.info(
             "session %s opened: blocks %s, max_length %d, batch %d, %d cache tokens left",
             session_id, blocks, max_length, batch_size, self.tokens_left,
@@ -72,14 +182,71 @@ class SessionCache:
         """Free the session's reservation and drop its KV tensors; idempotent."""
         if self._sessions.pop(session.handle, None) is None:
             return
-        self._used_tokens -= session.reserved_tokens
+        self._used_bytes -= session.reserved_bytes
+        self._admitted -= 1
         session.cache = None
         log.info("session %s closed after %d tokens; %d cache tokens left", session.session_id, session.length,
                  self.tokens_left)  # fmt: skip
+        self._grant_waiters()
+
+    def close_idle(self, timeout_s: float, now: float | None = None) -> int:
+        """End sessions with no step for `timeout_s`; returns how many. Their streams free them on the way out."""
+        now = time.monotonic() if now is None else now
+        idle = [s for s in self._sessions.values() if now - s.last_active > timeout_s and not s.closed_reason]
+        for session in idle:
+            log.info("session %s idle for %.0f s: closing it", session.session_id, now - session.last_active)
+            session.close(f"session {session.session_id} was idle for more than {timeout_s:.0f} s and was closed "
+                          f"by the server (its cache is freed); open a new session and replay")  # fmt: skip
+        return len(idle)
+
+    def close_all(self, reason: str) -> int:
+        sessions = list(self._sessions.values())
+        for session in sessions:
+            session.close(reason)
+        return len(sessions)
 
     def start_draining(self) -> None:
+        """Refuse new sessions (and fail the waiting ones) until `stop_draining`; running sessions go on."""
         self._draining = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(ServerDraining("server is shutting down; use another server"))
+
+    def stop_draining(self) -> None:
+        self._draining = False
 
     @property
     def draining(self) -> bool:
         return self._draining
+
+    def _fits(self, need: int) -> bool:
+        return self._used_bytes + need <= self.budget_bytes and self._admitted < self.max_sessions
+
+    def _admit(self, need: int) -> None:
+        self._used_bytes += need
+        self._admitted += 1
+
+    def _why_full(self) -> str:
+        if self._admitted >= self.max_sessions:
+            return f"{self.active_sessions} sessions are open (limit {self.max_sessions})"
+        return f"only {self.tokens_left} of {self.budget_tokens} are free"
+
+    def _grant_waiters(self) -> None:
+        # FIFO without overtaking: a big request at the head is not starved by a stream of small ones
+        # (it is bounded by its own alloc timeout, after which the next waiter gets its turn).
+        while self._waiters and self._fits(self._waiters[0].need_bytes):
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                self._admit(waiter.need_bytes)
+                waiter.future.set_result(None)
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            # Already granted (the grant raced with the timeout or a cancel): give the reservation back.
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self._used_bytes -= waiter.need_bytes
+                self._admitted -= 1
+                self._grant_waiters()

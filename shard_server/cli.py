@@ -21,6 +21,7 @@ log = logging.getLogger("shard_server")
 
 # Literal (not swarm.tensors.DTYPE_NAMES) so `--help` and flag errors answer before torch is imported.
 DTYPES = ("float32", "float16", "bfloat16")
+QUANTS = ("none", "int8", "nf4")
 
 
 def _positive_int(text: str) -> int:
@@ -53,14 +54,31 @@ def build_parser() -> argparse.ArgumentParser:
     # fmt: off
     p.add_argument("--model", required=True,
                    help="local model folder (config.json + *.safetensors) or an org/name in the local HF cache")
-    p.add_argument("--blocks", required=True, type=_block_range,
-                   help="half-open block range START:END to serve, e.g. 0:12 means blocks 0..11")
+    p.add_argument("--blocks", default=None, type=_block_range,
+                   help="pin the half-open block range START:END, e.g. 0:12 means blocks 0..11 (no rebalancing); "
+                        "without it the server chooses its blocks from the swarm (see --num-blocks)")
+    p.add_argument("--num-blocks", type=_positive_int, default=None,
+                   help="serve this many consecutive blocks, chosen where the swarm's announced throughput is "
+                        "lowest (unserved blocks first); default: as many as fit the memory budget")
+    p.add_argument("--balance-period", type=float, default=120.0,
+                   help="seconds (jittered +-50%%) between checks whether moving to other blocks would raise the "
+                        "swarm's bottleneck throughput; 0 disables rebalancing")
+    p.add_argument("--balance-quality", type=float, default=0.75,
+                   help="move only if the swarm's bottleneck throughput now is below this share of what it "
+                        "would be after the move (Petals' rule; 0 never moves, >1 moves whenever it helps)")
     p.add_argument("--initial-peers", default="",
                    help="comma-separated dht-node HOST:PORT addresses; empty runs standalone (not announced)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on; also the announced host")
     p.add_argument("--port", type=int, default=0, help="TCP port to listen on; 0 picks a free port")
+    p.add_argument("--public-address", default=None,
+                   help="HOST:PORT to announce instead of --host:port (port forwarding, a proxy in front, NAT)")
     p.add_argument("--device", default="cpu", help="torch device for the blocks: cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the blocks")
+    p.add_argument("--quant", default="none", choices=QUANTS,
+                   help="quantize the blocks' linear layers with bitsandbytes while loading: int8 (LLM.int8()) or "
+                        "nf4 (4-bit, computes in --dtype); norms, biases and Mixtral's experts stay in --dtype")
+    p.add_argument("--int8-threshold", type=float, default=6.0,
+                   help="--quant int8 outlier threshold: activation columns above it are computed in float16")
     p.add_argument("--ready-file", default=None,
                    help="write HOST:PORT to this file once serving and announced (for launchers)")
     p.add_argument("--model-id", default=None,
@@ -69,18 +87,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads (default: torch's own default)")
     p.add_argument("--inference-max-length", type=_positive_int, default=2048,
                    help="longest inference session (prompt + generated tokens) a client may open")
-    p.add_argument("--cache-tokens", type=_positive_int, default=32768,
-                   help="server-wide KV-cache budget in tokens; a session reserves max_length x batch_size")
+    p.add_argument("--cache-tokens", type=_positive_int, default=None,
+                   help="server-wide KV-cache budget in tokens through all held blocks; a session reserves "
+                        "max_length x batch_size when it opens (default: half of the memory free after loading)")
+    p.add_argument("--cache-bytes", type=_positive_int, default=None,
+                   help="server-wide KV-cache budget in bytes (instead of --cache-tokens)")
+    p.add_argument("--alloc-timeout", type=float, default=10.0,
+                   help="seconds a session open waits for cache room or a session slot before RESOURCE_EXHAUSTED")
+    p.add_argument("--session-timeout", type=_positive_float, default=300.0,
+                   help="seconds without a step after which a session is closed and its cache freed")
+    p.add_argument("--max-sessions", type=_positive_int, default=256,
+                   help="open inference sessions at most (further opens wait like a full cache)")
+    p.add_argument("--max-queued-requests", type=_positive_int, default=64,
+                   help="Forward/Backward requests waiting for the worker at most; more get RESOURCE_EXHAUSTED")
+    p.add_argument("--batching", default="auto", choices=("auto", "on", "off"),
+                   help="run single-token steps of different sessions as one batched forward: auto = when "
+                        "measured faster at start-up")
     p.add_argument("--max-message-bytes", type=_positive_int, default=64 * MIB,
                    help="largest gRPC message sent or received, in bytes")
     p.add_argument("--max-batch-size", type=_positive_int, default=8192,
-                   help="largest Forward/Backward request in tokens (batch x sequence length)")
+                   help="largest request in tokens (batch x new tokens) for Forward, Backward and inference "
+                        "steps; also the most rows of one batched decode step")
     p.add_argument("--throughput", type=_positive_float, default=None,
                    help="announced tokens/s; skips the measurement at start-up")
+    p.add_argument("--throughput-cache", default=None,
+                   help="JSON file caching throughput measurements per model/device/dtype/blocks "
+                        "(default: ~/.cache/pollen/throughput.json)")
+    p.add_argument("--network-mbps", type=_positive_float, default=None,
+                   help="link speed in Mbit/s for the network part of the announced throughput (default 100)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on --host at this port (0 = a free port, logged); off if unset")
     p.add_argument("--announce-period", type=_positive_float, default=None,
                    help="seconds between re-announcements (default: ttl / 3)")
     p.add_argument("--ttl", type=_positive_float, default=30.0,
                    help="seconds an announcement stays valid in the DHT without a refresh")
+    p.add_argument("--identity", metavar="PATH", default=None,
+                   help="Ed25519 identity file that signs the announcements, created (mode 0600) on first start; "
+                        "the peer id derives from it (default: a fresh ephemeral identity per start)")
     p.add_argument("--drain-timeout", type=float, default=5.0,
                    help="seconds open sessions may keep running after SIGTERM before being cancelled")
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -97,8 +140,11 @@ def config_from_args(args: argparse.Namespace) -> ShardServerConfig:
         initial_peers=tuple(parse_peers(args.initial_peers)),
         host=args.host,
         port=args.port,
+        public_address=args.public_address,
         device=args.device,
         dtype=args.dtype,
+        quant=args.quant,
+        int8_threshold=args.int8_threshold,
         ready_file=args.ready_file,
         model_id=args.model_id,
         num_threads=args.num_threads,
@@ -107,10 +153,23 @@ def config_from_args(args: argparse.Namespace) -> ShardServerConfig:
         max_message_bytes=args.max_message_bytes,
         max_batch_size=args.max_batch_size,
         ttl_s=args.ttl,
+        identity_path=args.identity,
         announce_period_s=args.announce_period,
         drain_timeout_s=max(0.0, args.drain_timeout),
         throughput_tps=args.throughput,
         log_level=args.log_level,
+        num_blocks=args.num_blocks,
+        balance_period_s=args.balance_period,
+        balance_quality=args.balance_quality,
+        cache_bytes=args.cache_bytes,
+        alloc_timeout_s=args.alloc_timeout,
+        session_timeout_s=args.session_timeout,
+        max_sessions=args.max_sessions,
+        max_queued_requests=args.max_queued_requests,
+        batching=args.batching,
+        throughput_cache=args.throughput_cache,
+        network_mbps=args.network_mbps,
+        metrics_port=args.metrics_port,
     )
 
 

@@ -13,18 +13,24 @@ MIB = 1 << 20
 class ShardServerConfig:
     # Local model folder or an org/name already in the local Hugging Face cache.
     model: str
-    # Blocks [start, end) this server loads and serves.
-    blocks: BlockRange
+    # Blocks [start, end) this server loads and serves; None = chosen from the swarm (see num_blocks).
+    blocks: BlockRange | None = None
     # dht-node gRPC addresses (HOST:PORT); empty = standalone, nothing is announced.
     initial_peers: tuple[str, ...] = ()
     # Interface to bind; also the host part of the announced address.
     host: str = "127.0.0.1"
     # TCP port; 0 picks a free one (read it back from ShardServer.port).
     port: int = 0
+    # HOST:PORT clients and other servers should dial, if not host:port (port forwarding, a proxy, NAT).
+    public_address: str | None = None
     # torch device of the blocks: "cpu", "cuda" or "cuda:N".
     device: str = "cpu"
     # Compute/storage dtype of the blocks: float32, float16 or bfloat16.
     dtype: str = "float32"
+    # Weight quantization of the blocks' linear layers (bitsandbytes): "none", "int8" or "nf4".
+    quant: str = "none"
+    # LLM.int8() outlier threshold for --quant int8 (activation columns above it run in float16; 0 = none).
+    int8_threshold: float = 6.0
     # File that receives "HOST:PORT" once the server is serving and announced (launchers poll it).
     ready_file: str | None = None
     # DHT namespace of the model; None = derived from --model (hub name or folder name).
@@ -33,14 +39,17 @@ class ShardServerConfig:
     num_threads: int | None = None
     # Longest session (prompt + generated tokens) one inference stream may reserve.
     inference_max_length: int = 2048
-    # Server-wide KV-cache budget in tokens (sum over sessions of max_length × batch_size).
-    cache_tokens: int = 32768
+    # Server-wide KV-cache budget in tokens through all held blocks (sum over sessions of max_length × batch);
+    # None (and no cache_bytes) = a share of the memory free after loading the weights.
+    cache_tokens: int | None = None
     # gRPC send/receive message limit; hidden states travel in one message per step.
     max_message_bytes: int = 64 * MIB
     # Largest Forward/Backward request in tokens (batch × seq), bounding one request's activations.
     max_batch_size: int = 8192
     # Record lifetime in the DHT; a crashed server disappears from routing after at most this long.
     ttl_s: float = 30.0
+    # Ed25519 identity file signing the announcements (created 0600 on first start); None = ephemeral key.
+    identity_path: str | None = None
     # Re-announce interval; None = ttl/3 so two refreshes can fail before the record expires.
     announce_period_s: float | None = None
     # Grace for running sessions after SIGTERM before streams are cancelled.
@@ -49,13 +58,58 @@ class ShardServerConfig:
     throughput_tps: float | None = None
     # Log level name for the CLI (tests configure logging themselves).
     log_level: str | None = None
+    # ---- block choice and rebalancing (ignored when `blocks` pins a range) ----
+    # Blocks to choose when `blocks` is None; None = as many as fit the memory budget.
+    num_blocks: int | None = None
+    # Seconds between checks whether moving to other blocks would help the swarm (jittered ±50%); 0 = never.
+    balance_period_s: float = 120.0
+    # Move only if the swarm's bottleneck throughput now is below this share of what it would be after the move.
+    balance_quality: float = 0.75
+    # ---- memory, sessions and load limits ----
+    # Server-wide KV-cache budget in bytes (alternative to cache_tokens).
+    cache_bytes: int | None = None
+    # How long an `open` waits for cache room (or a session slot) before RESOURCE_EXHAUSTED.
+    alloc_timeout_s: float = 10.0
+    # A session with no step for this long is closed and its cache freed.
+    session_timeout_s: float = 300.0
+    # Open inference sessions at most (more wait like a full cache).
+    max_sessions: int = 256
+    # Forward/Backward requests waiting for the worker at most (each holds its input in memory).
+    max_queued_requests: int = 64
+    # Cross-session batched decode: "auto" (on when measured faster), "on" or "off".
+    batching: str = "auto"
+    # ---- throughput and observability ----
+    # JSON file caching throughput measurements per model/device/dtype/blocks; None = ~/.cache/pollen/throughput.json
+    throughput_cache: str | None = None
+    # Link speed used for the network part of the announced throughput; None = 100 Mbit/s.
+    network_mbps: float | None = None
+    # Port of the Prometheus /metrics endpoint on `host`; None = off, 0 = a free port (logged).
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         # Checked here as well as in argparse so in-process users (tests, embedders) get the same errors.
         if self.inference_max_length < 1:
             raise ValueError("inference_max_length must be at least 1")
-        if self.cache_tokens < 1:
+        if self.cache_tokens is not None and self.cache_tokens < 1:
             raise ValueError("cache_tokens must be at least 1")
+        if self.cache_bytes is not None and self.cache_bytes < 1:
+            raise ValueError("cache_bytes must be at least 1")
+        if self.cache_tokens is not None and self.cache_bytes is not None:
+            raise ValueError("give either cache_tokens or cache_bytes, not both")
+        if self.blocks is not None and self.num_blocks is not None:
+            raise ValueError("give either blocks (a pinned range) or num_blocks (chosen from the swarm), not both")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError("num_blocks must be at least 1")
+        if self.balance_period_s < 0 or self.balance_quality < 0:
+            raise ValueError("balance_period_s and balance_quality must be >= 0")
+        if self.max_sessions < 1 or self.max_queued_requests < 1:
+            raise ValueError("max_sessions and max_queued_requests must be at least 1")
+        if self.alloc_timeout_s < 0 or self.session_timeout_s <= 0:
+            raise ValueError("alloc_timeout_s must be >= 0 and session_timeout_s > 0")
+        if self.batching not in ("auto", "on", "off"):
+            raise ValueError(f"batching must be auto, on or off, not {self.batching!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics port {self.metrics_port} is out of range")
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if self.ttl_s <= 0:
@@ -66,6 +120,10 @@ class ShardServerConfig:
             raise ValueError("num_threads must be at least 1")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range")
+        if self.quant not in ("none", "int8", "nf4"):
+            raise ValueError(f"unknown quantization {self.quant!r}; choose none, int8 or nf4")
+        if self.int8_threshold < 0:
+            raise ValueError("int8_threshold must be >= 0")
 
     @property
     def announce_every_s(self) -> float:

@@ -1,5 +1,6 @@
 """Load blocks [start, end) of a checkpoint and nothing else: each block is built on the meta device and
-receives exactly the tensors under its checkpoint prefix, then is cast to the server's dtype and device.
+receives exactly the tensors under its checkpoint prefix, then (optionally) has its linear layers quantized and
+is cast to the server's dtype and device, before the next block is read.
 """
 
 from __future__ import annotations
@@ -10,9 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
+from shard_server.quant import (
+    DEFAULT_INT8_THRESHOLD,
+    QuantUnavailable,
+    check_block_config,
+    check_quant_support,
+    quantize_block,
+)
 from swarm.blocks import BlockRange
 from swarm.model_files import Checkpoint, resolve_model_path
 from swarm.models import BlockSpan, ModelFamily, family_for
@@ -56,8 +65,21 @@ def load_span(
     dtype: torch.dtype,
     checkpoint: Checkpoint | None = None,
     progress: bool = True,
+    quant: str = "none",
+    int8_threshold: float = DEFAULT_INT8_THRESHOLD,
 ) -> BlockSpan:
-    """Blocks [start, end) as a span on `device` in `dtype`, in eval mode with frozen weights."""
+    """Blocks [start, end) as a span on `device` in `dtype`, in eval mode with frozen weights.
+
+    With `quant` int8/nf4 each block's linear layers are quantized right after the block is read (see
+    shard_server/quant.py), so peak memory is the quantized blocks so far plus one block in full precision.
+    Raises LoadError when the quantization cannot run here (checked on a probe layer before any weight is read).
+    """
+    if quant != "none":
+        try:
+            check_quant_support(quant, device, dtype)
+            check_block_config(info.config)
+        except QuantUnavailable as e:
+            raise LoadError(str(e)) from None
     ckpt = checkpoint if checkpoint is not None else Checkpoint(info.path)
     family = info.family
     layers = []
@@ -69,14 +91,31 @@ def load_span(
             layer = family.load_block(ckpt, block, local)
         except (KeyError, RuntimeError) as e:
             raise LoadError(f"block {block}: {e}") from None
-        # Cast per block so peak memory stays ~one block above the final size.
-        layer.to(device=device, dtype=dtype)
+        # Quantize (from the checkpoint's precision) and cast per block, so peak memory stays ~one
+        # full-precision block above the final size.
+        quantize_block(layer, quant, dtype, device, int8_threshold)
+        layer.to(device=device, dtype=dtype)  # quantized weights are integer tensors: only norms/biases cast
+        if quant != "none" and device.type == "cpu":
+            _release_checkpoint_pages(layer)
         layer.requires_grad_(False)  # Backward needs grads w.r.t. inputs only
         layers.append(layer.eval())
     span = family.make_span(layers, blocks)
     # Moves the rotary buffers only; they stay float32 (as in transformers) for exact positions.
     span.to(device=device)
     return span.eval()
+
+
+def _release_checkpoint_pages(layer: nn.Module) -> None:
+    """Copy the tensors a quantized block still shares with the checkpoint (norms, biases, Mixtral's experts).
+
+    safetensors hands out tensors that are views of the memory-mapped file; one small view keeps the whole
+    file's mapping alive, and every page that quantization read stays resident. Without a quantization (and
+    without a dtype change) the views ARE the served weights, so they are kept as they are (zero copy).
+    """
+    for module in layer.modules():
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.clone()
 
 
 def sub_span(info: ModelInfo, full: BlockSpan, blocks: BlockRange) -> BlockSpan:

@@ -5,10 +5,12 @@ BlockBackend on the worker thread, encodes the replies. Every error leaves throu
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -16,6 +18,9 @@ import torch
 
 from shard_server.backend import BlockBackend
 from shard_server.cache import Session, SessionCache
+from shard_server.metrics import ServerMetrics
+from shard_server.push import PushHub
+from shard_server.scheduler import Scheduler
 from swarm.blocks import BlockRange
 from swarm.errors import (
     BlocksNotServed,
@@ -35,13 +40,20 @@ log = logging.getLogger(__name__)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MASK_DTYPES = (torch.int64, torch.int32, torch.bool)
 
-RunOnWorker = Callable[..., Awaitable[Any]]
-
 
 def map_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a coroutine or async-generator handler so no exception escapes as an unexplained status."""
 
-    async def abort(context: grpc.aio.ServicerContext, e: Exception) -> None:
+    rpc = handler.__name__
+
+    def count(servicer: Any, code: str) -> None:
+        metrics = getattr(servicer, "metrics", None)
+        if metrics is not None:
+            metrics.rpcs.labels(rpc, code).inc()
+
+    async def abort(self: Any, context: grpc.aio.ServicerContext, e: Exception) -> None:
+        count(self, e.code.name if isinstance(e, PollenError) else "ABORTED" if isinstance(e, grpc.aio.AbortError)
+              else "INTERNAL")  # fmt: skip
         if isinstance(e, grpc.aio.AbortError):
             raise e  # a handler aborted on purpose; the status is already set
         if isinstance(e, PollenError):
@@ -58,16 +70,24 @@ def map_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
                 async for response in handler(self, request, context):
                     yield response
             except Exception as e:  # noqa: BLE001 — this is the one place errors become statuses
-                await abort(context, e)
+                await abort(self, context, e)
+            else:
+                count(self, "OK")
 
         return gen_wrapper
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await handler(self, request, context)
+            result = await handler(self, request, context)
+        except asyncio.CancelledError:
+            count(self, "CANCELLED")
+            raise
         except Exception as e:  # noqa: BLE001 — this is the one place errors become statuses
-            await abort(context, e)
+            await abort(self, context, e)
+        else:
+            count(self, "OK")
+            return result
 
     return wrapper
 
@@ -78,18 +98,21 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         model_id: str,
         blocks: BlockRange,
         cache: SessionCache,
-        run: RunOnWorker,
+        scheduler: Scheduler,
         record: Callable[[], ServerRecord | None],
         inference_max_length: int,
         max_batch_tokens: int,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.model_id = model_id
         self.blocks = blocks
         self.cache = cache
-        self.run = run  # awaits fn(*args) on the single torch worker thread
+        self.scheduler = scheduler  # the torch worker: inference steps first, Forward/Backward after them
+        self.metrics = metrics
         self.record = record
         self.inference_max_length = inference_max_length
         self.max_batch_tokens = max_batch_tokens
+        self.push = PushHub(max_message_bytes=256 << 20)  # sessions that accept pushes; channels to peers
         self.backend: BlockBackend | None = None  # set by the server once the blocks are loaded
 
     # ---- RPCs ---------------------------------------------------------------------------------------
@@ -122,7 +145,10 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             hidden = self._decode_hidden(request.hidden, "hidden")
             self._check_batch_tokens(hidden)
             mask = self._decode_mask(request, hidden.shape[0], hidden.shape[1])
-            out = await self.run(backend.forward, blocks, hidden, mask)
+            t0 = time.perf_counter()
+            out = await self.scheduler.run_training(backend.forward, blocks, hidden, mask)
+            if self.metrics is not None:
+                self.metrics.request("Forward", time.perf_counter() - t0, hidden.shape[0] * hidden.shape[1], "forward")
             await context.write(shard_pb2.ForwardResponse(request_id=request.request_id, hidden=to_proto(out)))
 
     @map_errors
@@ -138,7 +164,11 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                     f"grad_output shape {list(grad_output.shape)} differs from hidden shape {list(hidden.shape)}"
                 )
             mask = self._decode_mask(request, hidden.shape[0], hidden.shape[1])
-            grad = await self.run(backend.backward, blocks, hidden, grad_output, mask)
+            t0 = time.perf_counter()
+            grad = await self.scheduler.run_training(backend.backward, blocks, hidden, grad_output, mask)
+            if self.metrics is not None:
+                tokens = hidden.shape[0] * hidden.shape[1]
+                self.metrics.request("Backward", time.perf_counter() - t0, tokens, "backward")
             await context.write(shard_pb2.BackwardResponse(request_id=request.request_id, grad_input=to_proto(grad)))
 
     @map_errors
@@ -149,7 +179,10 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         if first.WhichOneof("kind") != "open":
             raise SessionNotFound("no open session: the first message of an InferenceStep stream must be `open`")
         backend = self._ready_backend()
-        session = self._open_session(first.open)
+        session = await self._open_session(first.open)
+        session.task = asyncio.current_task()  # so an idle or moving server can end the stream
+        push_key = first.open.session_id
+        pushing: asyncio.Task[None] | None = None  # the last step's push to the next server, if any
         step_id = ""
         try:
             await context.write(
@@ -158,22 +191,46 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 )
             )
             # The per-token hot path: validate only what can change per step, no logging above DEBUG.
-            while (request := await context.read()) is not grpc.aio.EOF:
+            async for request in self.push.requests(context, push_key):  # client's stream + pushes
                 if request.WhichOneof("kind") != "step":
                     raise InvalidRequest(f"session {session.session_id}: the stream already has an open session")
                 step = request.step
                 step_id = step.step_id
                 position, hidden, mask, hypo_ids = self._decode_step(session, step)
-                out = await self.run(_session_step, backend, session, position, hidden, mask, hypo_ids)
+                t0 = time.perf_counter()
+                out = await self.scheduler.step(backend, session, position, hidden, mask, hypo_ids)
                 session.length = position + hidden.shape[1]
-                reply = shard_pb2.InferenceStepOutput(step_id=step_id, hidden=to_proto(out), position=session.length)
-                await context.write(shard_pb2.InferenceResponse(step=reply))
+                session.last_active = time.monotonic()
+                if self.metrics is not None:
+                    self.metrics.request("InferenceStep", time.perf_counter() - t0, hidden.shape[0] * hidden.shape[1],
+                                         "inference")  # fmt: skip
+                hidden_msg = to_proto(out)
+                if pushing is not None:
+                    await pushing  # keeps its push_failed notice ahead of this reply
+                if step.next_servers:
+                    pushing = asyncio.create_task(self.push.push_after(context, push_key, step, hidden_msg))
+                reply = shard_pb2.InferenceStepOutput(step_id=step_id, hidden=hidden_msg, position=session.length)
+                async with self.push.write_lock(push_key):
+                    await context.write(shard_pb2.InferenceResponse(step=reply))
+        except asyncio.CancelledError:
+            if session.closed_reason:  # ended by this server (idle, or blocks moving), not by the client
+                raise SessionNotFound(session.closed_reason) from None
+            raise
         except Exception as e:
             if not isinstance(e, PollenError | grpc.aio.AbortError):
                 e.add_note(f"in session {session.session_id} step {step_id!r}")
             raise
         finally:
+            if pushing is not None and not pushing.done():
+                pushing.cancel()
+            # A step the worker is running still writes this session's buffers: wait for it (one step at most)
+            # before the bytes go back to the budget, so the budget bounds real memory at every moment.
+            await self.scheduler.settled(session)
             self.cache.release(session)  # also on client cancel: the handler task is cancelled here
+
+    @map_errors
+    async def Push(self, request: shard_pb2.PushRequest, context: grpc.aio.ServicerContext) -> shard_pb2.PushResponse:
+        return self.push.accept(request)
 
     # ---- validation (proto → domain) ------------------------------------------------------------------
 
@@ -231,7 +288,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 f"max_batch_size of {self.max_batch_tokens} tokens; split it"
             )
 
-    def _open_session(self, msg: shard_pb2.InferenceOpen) -> Session:
+    async def _open_session(self, msg: shard_pb2.InferenceOpen) -> Session:
         blocks = self._check_target(msg.model_id, msg, any_sub_range=False)
         if msg.max_length == 0:
             raise InvalidRequest("open.max_length must be at least 1")
@@ -240,7 +297,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 f"max_length {msg.max_length} is over this server's inference_max_length {self.inference_max_length}"
             )
         batch_size = msg.batch_size or 1
-        return self.cache.open(msg.session_id or "<unnamed>", blocks, msg.max_length, batch_size)
+        return await self.cache.open(msg.session_id or "<unnamed>", blocks, msg.max_length, batch_size)
 
     def _decode_step(
         self, session: Session, step: shard_pb2.InferenceStepInput
@@ -252,6 +309,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 f"tokens in the cache"
             )
         hidden = self._decode_hidden(step.hidden, "hidden")
+        self._check_batch_tokens(hidden)
         batch, new_tokens = hidden.shape[0], hidden.shape[1]
         if batch != session.batch_size:
             raise InvalidRequest(
@@ -275,18 +333,3 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             if batch and not (0 <= int(hypo_ids.min()) and int(hypo_ids.max()) < batch):
                 raise InvalidRequest(f"hypo_ids must be in [0, {batch}), got {hypo_ids.tolist()}")
         return position, hidden, mask, hypo_ids
-
-
-def _session_step(
-    backend: BlockBackend,
-    session: Session,
-    position: int,
-    hidden: torch.Tensor,
-    mask: torch.Tensor | None,
-    hypo_ids: torch.Tensor | None,
-) -> torch.Tensor:
-    """Worker-thread side of one step: the KV cache is created here so all torch state lives on the worker."""
-    cache = session.cache
-    if cache is None:
-        cache = session.cache = backend.new_cache(session.blocks)
-    return backend.inference_step(session.blocks, cache, position, hidden, mask, hypo_ids)

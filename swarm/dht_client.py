@@ -15,6 +15,7 @@ from typing import TypeVar
 import grpc
 
 from swarm.errors import DhtUnavailable, from_rpc_error
+from swarm.identity import Identity, verify
 from swarm.pb import dht_pb2, dht_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,11 @@ class DhtClient:
         response = await self._call("store", lambda s: s.Store(request, timeout=self.timeout_s))
         return bool(response.stored)
 
+    async def store_signed(self, identity: Identity, key: str, value: bytes, expiration: float) -> bool:
+        """Store `value` under sub-key = the identity's peer id, signed: only this identity can replace it."""
+        signature = identity.sign(key, identity.peer_id, value, expiration)
+        return await self.store(key, identity.peer_id, value, expiration, identity.public_key, signature)
+
     async def get(self, key: str) -> Record:
         request = dht_pb2.GetRequest(key=key)
         response = await self._call("get", lambda s: s.Get(request, timeout=self.timeout_s))
@@ -124,3 +130,25 @@ def _record(msg: dht_pb2.Record) -> Record:
     return {
         item.subkey: SubkeyEntry(item.value, item.expiration, item.public_key, item.signature) for item in msg.items
     }
+
+
+def looks_like_peer_id(subkey: str) -> bool:
+    """40 lowercase hex characters: the shape of peer_id_of(); such sub-keys are only valid when signed."""
+    return len(subkey) == 40 and all(c in "0123456789abcdef" for c in subkey)
+
+
+def verified(key: str, record: Record, require_signed: bool = False) -> Record:
+    """The sub-keys of `record` a reader may trust (defence in depth: dht-nodes check this too, but a client
+    should not have to trust the one node it asked). A signed sub-key must verify; an unsigned one passes
+    only if `require_signed` is off and it does not pose as a peer id (which would impersonate a server)."""
+    out = {}
+    for subkey, entry in record.items():
+        if not entry.public_key and not entry.signature and not require_signed and not looks_like_peer_id(subkey):
+            out[subkey] = entry
+            continue
+        reason = verify(key, subkey, entry.value, entry.expiration, entry.public_key, entry.signature)
+        if reason is None:
+            out[subkey] = entry
+        else:
+            log.debug("ignored sub-key %s of %s: %s", subkey[:16], key, reason)
+    return out

@@ -37,6 +37,7 @@ class ServerRecord(BaseModel):
     state: ServerState = ServerState.ONLINE
     throughput_tps: float = Field(default=1.0, ge=0.0, le=1e9, description="inference tokens/s for the span")
     forward_tps: float = Field(default=0.0, ge=0.0, le=1e12, description="forward tokens/s for the span")
+    network_tps: float = Field(default=0.0, ge=0.0, le=1e12, description="tokens/s the server's link carries")
     active_sessions: int = Field(default=0, ge=0, le=1_000_000)
     queued_requests: int = Field(default=0, ge=0, le=1_000_000_000)
     cache_tokens_left: int = Field(default=0, ge=0, le=1 << 40)
@@ -72,3 +73,85 @@ class ServerRecord(BaseModel):
             return cls.model_validate_json(data)
         except ValidationError:
             return None
+
+
+# ---- model info, and the schema check dht-nodes run on every value they accept ----
+
+# Key of the swarm-wide index of served models: every server writes its ModelRecord here under its own peer
+# id, so a probe can list the models without knowing their names.
+MODELS_KEY = "pollen.models"
+MODEL_KEY_SUFFIX = ".model"
+
+
+def model_key(model_id: str) -> str:
+    """DHT key of one model's info records (sub-key = the writing server's peer id)."""
+    return f"{model_id}{MODEL_KEY_SUFFIX}"
+
+
+class ModelRecord(BaseModel):
+    """What a server says about the model it serves: enough for a client to know how many blocks to find."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    model_id: str = Field(min_length=1, max_length=256)
+    name: str = Field(default="", max_length=256, description="human-readable name, e.g. the family")
+    num_blocks: int = Field(ge=1, le=100_000)
+    model_hash: str = Field(default="", max_length=64, description="fingerprint of the model's config")
+    updated_at: float = Field(default_factory=time.time)
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ModelRecord | None:
+        if len(data) > MAX_RECORD_BYTES:
+            return None
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError:
+            return None
+
+
+def _split_block_key(key: str) -> tuple[str, int] | None:
+    model_id, sep, block = key.rpartition(".block.")
+    if not sep or not model_id or not block.isdigit() or len(block) > 6:
+        return None
+    return model_id, int(block)
+
+
+def is_known_key(key: str) -> bool:
+    """Whether `key` belongs to one of the record schemas below (the rest is refused by strict nodes)."""
+    return key == MODELS_KEY or key.endswith(MODEL_KEY_SUFFIX) or _split_block_key(key) is not None
+
+
+def validate_value(key: str, subkey: str, value: bytes, owned: bool) -> str | None:
+    """None if `value` fits the schema of `key`, else why not. `owned`: the sub-key is a signed peer id,
+    so the record must also name that peer (nobody announces on another server's behalf).
+    Keys outside the known schemas pass here; strict dht-nodes refuse them separately (is_known_key)."""
+    if len(value) > MAX_RECORD_BYTES:
+        return f"value is {len(value)} bytes, over the {MAX_RECORD_BYTES}-byte record limit"
+    block = _split_block_key(key)
+    if block is not None:
+        try:
+            record = ServerRecord.model_validate_json(value)
+        except ValidationError as e:
+            return f"not a ServerRecord: {_first_error(e)}"
+        if record.model_id != block[0] or not record.start <= block[1] < record.end:
+            return f"ServerRecord for {record.model_id} blocks {record.blocks} stored under {key!r}"
+        if owned and record.peer_id != subkey:
+            return f"ServerRecord names peer {record.peer_id[:16]!r}, not its signer {subkey[:16]!r}"
+        return None
+    if key == MODELS_KEY or key.endswith(MODEL_KEY_SUFFIX):
+        try:
+            info = ModelRecord.model_validate_json(value)
+        except ValidationError as e:
+            return f"not a ModelRecord: {_first_error(e)}"
+        if key != MODELS_KEY and info.model_id != key[: -len(MODEL_KEY_SUFFIX)]:
+            return f"ModelRecord for {info.model_id!r} stored under {key!r}"
+        return None
+    return None
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}"[:200]

@@ -53,7 +53,9 @@ class SwarmProcesses:
         log_path = self.workdir / f"{name}.log"
         ready_path = self.workdir / f"{name}.ready"
         ready_path.unlink(missing_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **self.env}
+        # XDG_CACHE_HOME: servers cache throughput measurements there; keep tests out of the user's home.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(self.workdir),
+               **self.env}  # fmt: skip
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(
                 argv + ["--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready_path)],

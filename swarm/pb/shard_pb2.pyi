@@ -1,7 +1,8 @@
 from swarm.pb import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -99,18 +100,48 @@ class InferenceOpen(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.BlockRange, _Mapping]] = ..., max_length: _Optional[int] = ..., session_id: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class InferenceStepInput(_message.Message):
-    __slots__ = ("step_id", "position", "hidden", "attention_mask", "hypo_ids")
+    __slots__ = ("step_id", "position", "hidden", "attention_mask", "hypo_ids", "next_servers")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     HYPO_IDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SERVERS_FIELD_NUMBER: _ClassVar[int]
     step_id: str
     position: int
     hidden: _common_pb2.Tensor
     attention_mask: _common_pb2.Tensor
     hypo_ids: _common_pb2.Tensor
-    def __init__(self, step_id: _Optional[str] = ..., position: _Optional[int] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., hypo_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    next_servers: _containers.RepeatedCompositeFieldContainer[NextHop]
+    def __init__(self, step_id: _Optional[str] = ..., position: _Optional[int] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., hypo_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., next_servers: _Optional[_Iterable[_Union[NextHop, _Mapping]]] = ...) -> None: ...
+
+class NextHop(_message.Message):
+    __slots__ = ("address", "session_id")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    session_id: str
+    def __init__(self, address: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("session_id", "step")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: InferenceStepInput
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[_Union[InferenceStepInput, _Mapping]] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PushFailed(_message.Message):
+    __slots__ = ("step_id", "error")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    step_id: str
+    error: str
+    def __init__(self, step_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
     __slots__ = ("open", "step")
@@ -139,9 +170,11 @@ class InferenceStepOutput(_message.Message):
     def __init__(self, step_id: _Optional[str] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., position: _Optional[int] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
-    __slots__ = ("opened", "step")
+    __slots__ = ("opened", "step", "push_failed")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FAILED_FIELD_NUMBER: _ClassVar[int]
     opened: InferenceOpened
     step: InferenceStepOutput
-    def __init__(self, opened: _Optional[_Union[InferenceOpened, _Mapping]] = ..., step: _Optional[_Union[InferenceStepOutput, _Mapping]] = ...) -> None: ...
+    push_failed: PushFailed
+    def __init__(self, opened: _Optional[_Union[InferenceOpened, _Mapping]] = ..., step: _Optional[_Union[InferenceStepOutput, _Mapping]] = ..., push_failed: _Optional[_Union[PushFailed, _Mapping]] = ...) -> None: ...

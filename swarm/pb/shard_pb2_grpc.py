@@ -54,6 +54,11 @@ class ShardStub:
                 request_serializer=swarm_dot_pb_dot_shard__pb2.InferenceRequest.SerializeToString,
                 response_deserializer=swarm_dot_pb_dot_shard__pb2.InferenceResponse.FromString,
                 _registered_method=True)
+        self.Push = channel.unary_unary(
+                '/pollen.v1.Shard/Push',
+                request_serializer=swarm_dot_pb_dot_shard__pb2.PushRequest.SerializeToString,
+                response_deserializer=swarm_dot_pb_dot_shard__pb2.PushResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -88,6 +93,15 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Push(self, request, context):
+        """Server-to-server push: the previous server of a session's chain delivers this server's next step
+        input (its own output) directly, instead of returning it to the client first. The step is processed
+        as if it came on the session's InferenceStep stream, and the reply goes to the client on that stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +124,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.InferenceStep,
                     request_deserializer=swarm_dot_pb_dot_shard__pb2.InferenceRequest.FromString,
                     response_serializer=swarm_dot_pb_dot_shard__pb2.InferenceResponse.SerializeToString,
+            ),
+            'Push': grpc.unary_unary_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=swarm_dot_pb_dot_shard__pb2.PushRequest.FromString,
+                    response_serializer=swarm_dot_pb_dot_shard__pb2.PushResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +239,33 @@ class Shard:
             '/pollen.v1.Shard/InferenceStep',
             swarm_dot_pb_dot_shard__pb2.InferenceRequest.SerializeToString,
             swarm_dot_pb_dot_shard__pb2.InferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollen.v1.Shard/Push',
+            swarm_dot_pb_dot_shard__pb2.PushRequest.SerializeToString,
+            swarm_dot_pb_dot_shard__pb2.PushResponse.FromString,
             options,
             channel_credentials,
             insecure,

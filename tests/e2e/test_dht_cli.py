@@ -4,6 +4,7 @@ the help text, and the promise that dht_node never imports torch."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import select
 import signal
@@ -13,7 +14,10 @@ import time
 
 import pytest
 
+from swarm.blocks import block_key
 from swarm.dht_client import DhtClient
+from swarm.identity import Identity
+from swarm.records import MODELS_KEY, ModelRecord, ServerRecord, model_key
 from tests.launcher import BIN, SwarmProcesses
 
 pytestmark = pytest.mark.e2e
@@ -32,13 +36,20 @@ FLAGS = [
     "--max-subkeys-per-key",
     "--max-keys",
     "--log-level",
+    "--announce-host",
+    "--identity",
+    "--client",
+    "--probe",
+    "--allow-unsigned",
+    "--max-total-bytes",
 ]
 
 
 async def test_store_on_one_process_get_on_another_then_sigterm() -> None:
     with SwarmProcesses() as procs:
-        boot = procs.start_dht("dht0", None, "--ksize", "2", "--rpc-timeout", "0.5")
-        joiners = [procs.start_dht(f"dht{i}", [boot.address], "--ksize", "2", "--rpc-timeout", "0.5") for i in (1, 2)]
+        flags = ("--ksize", "2", "--rpc-timeout", "0.5", "--allow-unsigned")  # plain sub-keys in this test
+        boot = procs.start_dht("dht0", None, *flags)
+        joiners = [procs.start_dht(f"dht{i}", [boot.address], *flags) for i in (1, 2)]
         nodes = [boot, *joiners]
         try:
             writer = DhtClient([joiners[0].address])
@@ -101,3 +112,37 @@ def test_bootstrap_and_initial_peers_are_exclusive_and_required() -> None:
 def test_dht_node_does_not_import_torch() -> None:
     code = "import sys, dht_node.cli, dht_node.node; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_probe_prints_models_and_blocks_and_identity_is_private(tmp_path: object) -> None:
+    with SwarmProcesses() as procs:
+        key_file = f"{tmp_path}/dht.key"
+        boot = procs.start_dht("dht0", None, "--identity", key_file, "--rpc-timeout", "0.5")
+        second = procs.start_dht("dht1", [boot.address], "--rpc-timeout", "0.5")
+        assert os.stat(key_file).st_mode & 0o777 == 0o600
+        client = DhtClient([second.address])
+        try:
+            expiration = time.time() + 60
+            for start, end in ((0, 3), (3, 6)):
+                server = Identity.generate()
+                record = ServerRecord(peer_id=server.peer_id, address=f"127.0.0.1:{9000 + start}", model_id="probe-m",
+                                      start=start, end=end)  # fmt: skip
+                for i in range(start, end):
+                    assert await client.store_signed(server, block_key("probe-m", i), record.encode(), expiration)
+                info = ModelRecord(model_id="probe-m", name="llama", num_blocks=8).encode()
+                for key in (MODELS_KEY, model_key("probe-m")):
+                    assert await client.store_signed(server, key, info, expiration)
+        finally:
+            await client.close()
+        out = subprocess.run([str(BIN / "dht-node"), "--probe", boot.address], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].split()[:3] == ["MODEL", "NAME", "BLOCKS"]
+        assert lines[1].split() == ["probe-m", "llama", "8", "6", "6,7", "0", "2"], out.stdout
+        assert sum("127.0.0.1:900" in line for line in lines) == 2
+        # the probe joined as a client: the nodes it asked still know only each other
+        for proc in (boot, second):
+            pinger = DhtClient([proc.address])
+            assert (await pinger.ping()).peers == 1
+            await pinger.close()

@@ -74,3 +74,22 @@ async def test_view_routes_bans_and_explains_mismatch() -> None:
     await view.refresh()
     with pytest.raises(MissingBlocks, match=r"no server holds blocks 0\.\.3 of model m"):
         view.route()
+
+
+async def test_bans_back_off_exponentially_and_missing_blocks_wait() -> None:
+    import time as _time
+
+    clock = [NOW]
+    view = SwarmView(FakeDht([dict([entry("a", 0, 4)])] * 4), "m", 4, clock=lambda: clock[0], ban_s=10.0)  # type: ignore[arg-type]
+    assert view.ban("a") == 10.0 and view.ban("a") == 20.0 and view.ban("a") == 40.0
+    view.mark_ok("a")
+    assert view.ban("a") == 10.0
+    view.record_rtt("a", 100.0)
+    view.record_rtt("a", 0.0)
+    assert view.rtts_ms["a"] == pytest.approx(70.0)  # EMA with alpha 0.3
+
+    empty = SwarmView(FakeDht([{}] * 4), "m", 4)  # type: ignore[arg-type]
+    t0 = _time.monotonic()
+    with pytest.raises(MissingBlocks, match=r"no server holds blocks 0\.\.3"):
+        await empty.wait_route(wait_s=0.3, poll_s=0.1)
+    assert 0.2 < _time.monotonic() - t0 < 2.0

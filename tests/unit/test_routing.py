@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from client_sdk.routing import RouteCosts, find_route, missing_ranges, route_cost_s
+from client_sdk.routing import RouteCosts, find_route, missing_ranges, route_cost_s, sample_route
 from swarm.errors import MissingBlocks
 from swarm.records import ServerRecord
 
@@ -112,3 +112,56 @@ def test_large_swarm_is_fast_and_optimal() -> None:
     records = [rec(f"s{i}", i, min(i + 10, 80), tps=10.0) for i in range(0, 80, 3)]
     records += [rec("x0", 0, 30, tps=1000.0), rec("x1", 30, 60, tps=1000.0), rec("x2", 60, 80, tps=1000.0)]
     assert spans(find_route(records, 0, 80)) == [("x0", 0, 30), ("x1", 30, 60), ("x2", 60, 80)]
+
+
+# ---- client/server latencies, push pricing, load, max_throughput ---------------------------------------
+
+
+def with_next(r: ServerRecord, **next_rtts_ms: float) -> ServerRecord:
+    return r.model_copy(update={"next_rtts_ms": next_rtts_ms})
+
+
+def test_push_prices_server_to_server_latency() -> None:
+    # a->c is a fast link (2 ms) and b->d a slow one; the client is equally far from everybody.
+    records = [with_next(rec("a", 0, 2), c=2.0, d=300.0), with_next(rec("b", 0, 2), c=300.0, d=300.0)]
+    records += [rec("c", 2, 4), rec("d", 2, 4)]
+    costs = RouteCosts(rtts_ms={p: 40.0 for p in "abcd"}, push=True)
+    route = find_route(records, 0, 4, costs)
+    assert spans(route) == [("a", 0, 2), ("c", 2, 4)]
+    # client->a (20) + a->c (1) + c->client (20) + compute 2 x 10 ms
+    assert route_cost_s(route, costs) == pytest.approx(0.020 + 0.001 + 0.020 + 0.02)
+
+
+def test_push_unknown_hop_costs_the_detour_through_the_client() -> None:
+    costs = RouteCosts(rtts_ms={"a": 10.0, "c": 30.0}, push=True)
+    route = find_route([rec("a", 0, 2), rec("c", 2, 4)], 0, 4, costs)
+    assert route_cost_s(route, costs) == pytest.approx(0.005 + 0.020 + 0.015 + 0.02)
+
+
+def test_three_spans_with_latencies_take_the_fastest_chain() -> None:
+    records = [rec("a", 0, 2), rec("b", 0, 2), rec("c", 2, 4), rec("d", 2, 4), rec("w", 0, 4)]
+    rtts = {"a": 6.0, "b": 60.0, "c": 6.0, "d": 60.0, "w": 80.0}
+    for push in (False, True):
+        assert spans(find_route(records, 0, 4, RouteCosts(rtts_ms=rtts, push=push))) == [("a", 0, 2), ("c", 2, 4)]
+
+
+def test_load_and_full_cache_steer_away() -> None:
+    busy = rec("busy", 0, 4).model_copy(update={"queued_requests": 9})
+    assert spans(find_route([busy, rec("idle", 0, 4, tps=50.0)], 0, 4)) == [("idle", 0, 4)]
+    full = rec("full", 0, 4, tps=1000.0).model_copy(update={"cache_tokens_left": 10})
+    roomy = rec("roomy", 0, 4, tps=10.0).model_copy(update={"cache_tokens_left": 10_000})
+    assert spans(find_route([full, roomy], 0, 4, RouteCosts(cache_tokens_needed=100))) == [("roomy", 0, 4)]
+    # still usable when it is the only one
+    assert spans(find_route([full], 0, 4, RouteCosts(cache_tokens_needed=100))) == [("full", 0, 4)]
+
+
+def test_max_throughput_spreads_by_throughput_and_may_start_mid_span() -> None:
+    import random
+
+    records = [rec("fast", 0, 4, tps=300.0), rec("slow", 0, 4, tps=100.0)]
+    rng = random.Random(0)
+    picks = [sample_route(records, 0, 4, rng)[0].peer_id for _ in range(2000)]
+    assert 0.70 < picks.count("fast") / len(picks) < 0.80
+    assert spans(sample_route([rec("a", 0, 3), rec("b", 3, 6)], 1, 5, rng)) == [("a", 1, 3), ("b", 3, 5)]
+    with pytest.raises(MissingBlocks, match=r"no server holds blocks 12\.\.15"):
+        sample_route([rec("a", 0, 12), rec("b", 16, 24)], 0, 24, rng)

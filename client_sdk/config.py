@@ -1,0 +1,66 @@
+"""ClientConfig: every option of the client in one frozen object; every wait and retry is bounded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from client_sdk.transport import DEFAULT_MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Client options (pass any of them as keyword arguments to the clients and `from_pretrained`)."""
+
+    dht_timeout_s: float = 5.0  # one DHT call to one dht-node
+    open_timeout_s: float = 30.0  # a server answering `open` (it may have to allocate the KV cache)
+    step_timeout_s: float = 60.0  # one step on one server (a long prefill on a slow CPU takes a while)
+    forward_timeout_s: float = 120.0  # one Forward/Backward call on one server
+    # Failovers per inference step / per Forward-Backward call: re-route the failed span and replay it.
+    max_retries: int = 3
+    retry_backoff_s: float = 0.0  # sleep before the first retry (0: a dead server is replaced at once)
+    max_backoff_s: float = 5.0  # later retries sleep min_backoff x 2^n up to this (at least 0.1 s)
+    ban_s: float = 15.0  # first ban of a failed server; doubles per repeated failure, reset on success
+    max_ban_s: float = 300.0
+    max_view_age_s: float = 10.0  # re-read the DHT before routing if the view is older
+    refresh_period_s: float = 30.0  # background DHT re-read + pings while the client is open (0 = off)
+    ping_timeout_s: float = 2.0  # one RTT probe (Info RPC) to one server
+    max_pinged: int = 16  # servers probed per refresh (the ones not measured yet first)
+    rtt_ema_alpha: float = 0.3  # weight of a new RTT sample in the smoothed value
+    missing_blocks_wait_s: float = 0.0  # wait this long for a server to join before "no server holds ..."
+    use_push: bool = True  # servers forward hidden states to the next server of the chain themselves
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # dtype of hidden states on the wire: "float32", "float16" or "bfloat16" (None: the local head's dtype).
+    # Servers compute in their own --dtype and reply in the dtype they receive; the client converts back.
+    wire_dtype: str | None = None
+    # Use only servers with at least this precision: float32 > float16 = bfloat16 > int8 > nf4 (None: any).
+    min_precision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        for name in ("dht_timeout_s", "open_timeout_s", "step_timeout_s", "forward_timeout_s", "ping_timeout_s"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite positive number of seconds")
+        for name in ("retry_backoff_s", "ban_s", "missing_blocks_wait_s", "refresh_period_s"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0")
+        if not 0 < self.rtt_ema_alpha <= 1:
+            raise ValueError("rtt_ema_alpha must be in (0, 1]")
+        if self.wire_dtype is not None and self.wire_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"wire_dtype must be float32, float16 or bfloat16, got {self.wire_dtype!r}")
+        if self.min_precision is not None and self.min_precision not in (
+            "float32",
+            "bfloat16",
+            "float16",
+            "int8",
+            "nf4",
+        ):
+            raise ValueError(
+                f"min_precision must be float32, bfloat16, float16, int8 or nf4, got {self.min_precision!r}"
+            )
+
+    def backoff_s(self, attempt: int) -> float:
+        """Sleep before retry number `attempt` (1-based): 0 first by default, then growing exponentially."""
+        if attempt <= 1:
+            return self.retry_backoff_s
+        return min(self.max_backoff_s, max(self.retry_backoff_s, 0.1) * 2 ** (attempt - 2))

@@ -1,0 +1,196 @@
+"""SpanStream: the client's end of one InferenceStep stream (one server, one span of one session).
+
+It writes requests and reads replies with bounded waits, turns every way a server can fail (stream
+broken, timeout, protocol violation, corrupt tensor) into a `SpanError` that names the span, and keeps the
+span's input `history` for failover replay. A read may be left pending across steps (`watch`) so that a
+`push_failed` notice or a broken stream is noticed while the client waits on another server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+
+from client_sdk.routing import Span
+from client_sdk.transport import ChannelPool, rpc_error
+from swarm.errors import PollenError, ServerDraining, StepTimeout
+from swarm.pb import common_pb2, shard_pb2
+from swarm.tensors import from_proto
+
+log = logging.getLogger(__name__)
+
+History = list[tuple[torch.Tensor, torch.Tensor | None]]  # (input [batch, tokens, hidden], hypo_ids applied first)
+
+
+class SpanError(Exception):
+    """A server failed its span; `error` says how (and whether another server may do better)."""
+
+    def __init__(self, stream: SpanStream, error: PollenError) -> None:
+        super().__init__(str(error))
+        self.stream = stream
+        self.error = error
+
+
+def bad_reply(span: Span, what: str) -> PollenError:
+    """A server broke the protocol or sent garbage: its fault, so another server may do better."""
+    exc = PollenError(f"{span.address} {what}")
+    exc.retryable = True
+    return exc
+
+
+@dataclass(eq=False)
+class SpanStream:
+    span: Span
+    session_id: str
+    call: Any = None  # grpc.aio.StreamStreamCall[InferenceRequest, InferenceResponse]
+    position: int = 0  # tokens in this server's cache
+    history: History = field(default_factory=list)  # inputs confirmed by this server (or to replay on it)
+    error: SpanError | None = None  # set when the stream broke outside a step's critical path
+    push_failed: str = ""  # step_id of the last push_failed notice from this server
+    _pending: asyncio.Task[Any] | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        pool: ChannelPool,
+        span: Span,
+        model_id: str,
+        session_id: str,
+        max_length: int,
+        batch: int,
+        timeout_s: float,
+    ) -> SpanStream:
+        stream = cls(span, session_id)
+        try:
+            stream.call = pool.shard(span.address).InferenceStep()
+            request = shard_pb2.InferenceRequest(
+                open=shard_pb2.InferenceOpen(
+                    model_id=model_id,
+                    blocks=common_pb2.BlockRange(start=span.start, end=span.end),
+                    max_length=max_length,
+                    session_id=session_id,
+                    batch_size=batch,
+                )
+            )
+            await stream.write(request)
+            reply = await stream.read(timeout_s, "open")
+            if reply.WhichOneof("kind") != "opened":
+                raise SpanError(stream, bad_reply(span, f"answered open with {reply.WhichOneof('kind')!r}"))
+        except BaseException:
+            stream.cancel()
+            raise
+        return stream
+
+    def hop(self) -> shard_pb2.NextHop:
+        return shard_pb2.NextHop(address=self.span.address, session_id=self.session_id)
+
+    async def write(self, request: shard_pb2.InferenceRequest) -> None:
+        try:
+            await self.call.write(request)
+        except grpc.aio.AioRpcError as e:
+            raise SpanError(self, rpc_error(e, self.span.address)) from e
+        except asyncio.InvalidStateError as e:  # write after the server already ended the call
+            raise SpanError(self, ServerDraining(f"{self.span.address} closed the inference stream")) from e
+
+    def watch(self) -> asyncio.Task[Any]:
+        """The next message of the stream as a task (started once; shared until consumed by `read`)."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._read_raw())
+        return self._pending
+
+    async def read(self, timeout_s: float, what: str = "step") -> shard_pb2.InferenceResponse:
+        """The next message; a broken stream or timeout raises SpanError at once."""
+        task = self.watch()
+        try:
+            async with asyncio.timeout(timeout_s):
+                reply = await asyncio.shield(task)
+        except TimeoutError:
+            self.cancel()
+            timeout = StepTimeout(f"{self.span.address} did not answer {what} within {timeout_s} s")
+            raise SpanError(self, timeout) from None
+        finally:
+            if task.done():
+                self._pending = None
+        if reply is grpc.aio.EOF:
+            code = await self.call.code()
+            raise SpanError(self, ServerDraining(f"{self.span.address} ended the inference stream ({code.name})"))
+        return reply
+
+    async def _read_raw(self) -> Any:
+        try:
+            return await self.call.read()
+        except grpc.aio.AioRpcError as e:
+            raise SpanError(self, rpc_error(e, self.span.address)) from e
+        except asyncio.InvalidStateError as e:
+            raise SpanError(self, ServerDraining(f"{self.span.address} closed the inference stream")) from e
+
+    async def read_step(self, step_id: str, timeout_s: float) -> shard_pb2.InferenceStepOutput:
+        """The reply to `step_id`, remembering push_failed notices that arrive first."""
+        while True:
+            reply = await self.read(timeout_s)
+            kind = reply.WhichOneof("kind")
+            if kind == "push_failed":
+                self.push_failed = reply.push_failed.step_id
+                continue
+            if kind != "step" or reply.step.step_id != step_id:
+                raise SpanError(self, bad_reply(self.span, f"answered step {step_id} with {kind!r}"))
+            return reply.step
+
+    def decode(self, out: shard_pb2.InferenceStepOutput, shape: tuple[int, int], position: int) -> torch.Tensor:
+        """The step's hidden output, checked; a corrupt reply is this server's failure (retryable)."""
+        try:
+            hidden = from_proto(out.hidden, name=f"hidden from {self.span.address}")
+        except PollenError as e:
+            raise SpanError(self, bad_reply(self.span, f"sent a corrupt tensor: {e}")) from e
+        if tuple(hidden.shape[:2]) != shape or hidden.dim() != 3:
+            raise SpanError(self, bad_reply(self.span, f"returned hidden of shape {list(hidden.shape)}"))
+        if out.position != position:
+            raise SpanError(self, bad_reply(self.span, f"reports position {out.position}, expected {position}"))
+        return hidden
+
+    def cancel(self) -> None:
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()
+        self._pending = None
+        if self.call is not None and not self.call.done():
+            self.call.cancel()
+
+    async def close(self, timeout_s: float = 2.0) -> None:
+        """Tell the server we are done and wait briefly for it to end the stream; cancel if it does not."""
+        call = self.call
+        if call is None or call.done():
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                # Half-close first: a read still pending (a push_failed watch) only ends once the server
+                # sees the end of our stream and closes its side.
+                await call.done_writing()
+                last: Any = None
+                if self._pending is not None:
+                    (last,) = await asyncio.gather(self._pending, return_exceptions=True)
+                    self._pending = None
+                while last is not grpc.aio.EOF and not isinstance(last, BaseException):
+                    last = await call.read()
+        except (TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
+            log.debug("closing inference stream: %s", e)
+        finally:
+            self.cancel()
+
+
+def consolidate(history: History) -> torch.Tensor | None:
+    """One tensor that rebuilds the same KV cache as `history` in a single step: [batch, tokens, hidden].
+
+    Reordering cache rows (beam search) only permutes whole rows, so row i of the cache equals the
+    lineage of row i's inputs; applying each step's hypo_ids to the inputs so far reproduces it exactly.
+    """
+    acc: torch.Tensor | None = None
+    for hidden, hypo_ids in history:
+        if acc is not None and hypo_ids is not None:
+            acc = acc.index_select(0, hypo_ids)
+        acc = hidden if acc is None else torch.cat([acc, hidden], dim=1)
+    return acc

@@ -1,0 +1,189 @@
+"""Memory arithmetic before and after loading: free device memory, a block's weight bytes from the checkpoint's
+tensor headers (nothing is loaded), how many blocks fit, the default KV-cache budget, and the process RSS.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import PretrainedConfig
+
+from swarm.models import ModelFamily
+
+if TYPE_CHECKING:
+    from shard_server.loader import ModelInfo
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+# Left free for activations of one max-size request, the allocator's slack, Python and gRPC buffers.
+HEADROOM_BYTES = GIB // 2
+HEADROOM_FRACTION = 0.1
+# With no --cache-tokens/--cache-bytes, KV caches may take this share of what is free after the weights.
+DEFAULT_CACHE_FRACTION = 0.5
+# With no --num-blocks, this many cache tokens per block are reserved while deciding how many blocks fit.
+PLAN_CACHE_TOKENS = 4096
+
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory available for new allocations on `device` (CUDA: free device memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil  # not on Linux /proc: fall back to psutil (installed with peft)
+
+    return int(psutil.virtual_memory().available)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _tensor_shapes(model_path: Path) -> dict[str, tuple[str, int]]:
+    """name → (safetensors dtype, numel) for every tensor, read from file headers only."""
+    out: dict[str, tuple[str, int]] = {}
+    for file in sorted(model_path.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            numel = 1
+            for dim in meta["shape"]:
+                numel *= int(dim)
+            out[name] = (meta["dtype"], numel)
+    return out
+
+
+def block_weight_bytes(model_path: Path, family: ModelFamily, element_bytes: int) -> int:
+    """Largest per-block weight size in the serving dtype (floating tensors cast to it, others kept as stored)."""
+    shapes = _tensor_shapes(model_path)
+    sizes = []
+    for block in range(family.num_blocks):
+        prefix = family.block_prefix(block)
+        short = prefix.removeprefix(family.base_model_prefix) if family.base_model_prefix else prefix
+        total = 0
+        for name, (dtype, numel) in shapes.items():
+            if name.startswith(prefix) or name.startswith(short):
+                floating = dtype.startswith(("F", "BF"))
+                total += numel * (element_bytes if floating else _SAFETENSORS_BYTES.get(dtype, 4))
+        sizes.append(total)
+    return max(sizes) if sizes else 0
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    free_bytes: int  # free when planning (before loading)
+    block_bytes: int  # weights of one block in the serving dtype
+    num_blocks: int  # blocks to serve
+    cache_bytes: int  # KV-cache budget for all sessions
+
+
+def usable_bytes(free_bytes: int) -> int:
+    return max(0, int(free_bytes * (1 - HEADROOM_FRACTION)) - HEADROOM_BYTES)
+
+
+def plan_num_blocks(free_bytes: int, block_bytes: int, kv_token_bytes_per_block: int, total_blocks: int) -> int:
+    """As many blocks as fit with their weights plus PLAN_CACHE_TOKENS tokens of cache each (at least 1)."""
+    per_block = block_bytes + PLAN_CACHE_TOKENS * kv_token_bytes_per_block
+    fit = usable_bytes(free_bytes) // max(1, per_block)
+    return int(max(1, min(total_blocks, fit)))
+
+
+def default_cache_bytes(free_after_weights: int) -> int:
+    """The KV budget when no flag sets it: a share of what is free once the weights are loaded."""
+    return int(usable_bytes(free_after_weights) * DEFAULT_CACHE_FRACTION)
+
+
+def describe(config: PretrainedConfig, plan: MemoryPlan) -> str:
+    return (
+        f"{plan.num_blocks} blocks x {plan.block_bytes / GIB:.2f} GiB weights, "
+        f"{plan.cache_bytes / GIB:.2f} GiB KV cache, {plan.free_bytes / GIB:.1f} GiB free at start"
+    )
+
+
+# ---- bytes per block for a dtype AND a quantization (--quant), from the headers -----------------------------
+# Exact: equals what loader.load_span allocates for the block's parameters and bitsandbytes quantization states
+# (tests/unit/test_quant_layers.py checks it for every family, dtype and quantization).
+
+
+@functools.lru_cache(maxsize=64)
+def _file_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (safetensors dtype, shape)} from one file's header (reads only the header bytes)."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+
+
+def block_bytes(info: ModelInfo, dtype: str | torch.dtype, quant: str = "none", block: int = 0) -> int:
+    """Bytes of global block `block` once loaded in `dtype` with `quant` ("none", "int8", "nf4"); nothing is read
+    but the safetensors headers.
+
+    Floating-point tensors take `dtype`'s size; the weights of the block's nn.Linear layers take their quantized
+    size when `quant` is set (biases stay in `dtype`; Mixtral's fused experts and router are not nn.Linear and
+    stay in `dtype`, see quant.py); integer tensors keep their stored size. Which weights are linear comes from
+    the block's module tree built on the meta device.
+    """
+    from shard_server.quant import QUANT_CHOICES, quantizable_linears, quantized_weight_bytes
+    from swarm.model_files import Checkpoint
+    from swarm.tensors import dtype_from_name
+
+    torch_dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+    if quant not in QUANT_CHOICES:
+        raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
+    family = info.family
+    checkpoint = Checkpoint(info.path)
+    prefix = family._checkpoint_name(checkpoint, family.block_prefix(block), prefix=True)
+    keys = checkpoint.keys_with_prefix(prefix)
+    if not keys:
+        raise KeyError(f"the checkpoint at {info.path} has no tensors under {prefix!r}")
+    linear_weights: set[str] = set()  # names (prefix stripped) of the weights quantize_block replaces
+    if quant != "none":
+        with torch.device("meta"):
+            module = family.build_block(0)
+        linear_weights = {f"{name}.weight" for name in quantizable_linears(module)}
+    total = 0
+    for key in keys:
+        st_dtype, shape = _file_header(checkpoint._file_of[key])[key]  # Checkpoint knows each key's file
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        if key[len(prefix) :] in linear_weights and len(shape) == 2:
+            total += quantized_weight_bytes(shape[0], shape[1], quant)
+        elif st_dtype.startswith(("F", "BF")):
+            total += numel * torch_dtype.itemsize
+        else:
+            total += numel * _SAFETENSORS_BYTES.get(st_dtype, 4)
+    return total
+
+
+def span_bytes(info: ModelInfo, start: int, end: int, dtype: str | torch.dtype, quant: str = "none") -> int:
+    """Bytes of blocks [start, end): the sum of `block_bytes` (blocks may differ, e.g. per-layer settings)."""
+    return sum(block_bytes(info, dtype, quant, block) for block in range(start, end))

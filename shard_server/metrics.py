@@ -1,0 +1,145 @@
+"""Prometheus metrics of one shard server, in a private registry (two servers in one process never collide),
+and a tiny asyncio HTTP endpoint serving them at /metrics (no extra thread).
+
+Load figures (sessions, cache bytes, queue) are read when scraped, so the hot path pays only for counters and
+one histogram observation per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from shard_server.memory import rss_bytes
+
+if TYPE_CHECKING:
+    from shard_server.server import ShardServer
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.rpcs = Counter(
+            "pollen_rpcs", "RPC calls (streams) by method and final status", ["rpc", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "pollen_request_seconds",
+            "Time to answer one request message (one step of an InferenceStep stream), queueing included",
+            ["rpc"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter("pollen_tokens_processed", "Tokens run through the blocks", ["kind"], registry=r)
+        self.batch_rows = Histogram(
+            "pollen_batch_rows", "Rows per executed inference batch on the worker", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "pollen_batch_seconds", "Worker time per executed inference batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.moves = Counter("pollen_block_moves", "Times the server moved to other blocks", registry=r)
+        self._latency_children = {rpc: self.latency.labels(rpc) for rpc in ("Forward", "Backward", "InferenceStep")}
+        self._token_children = {kind: self.tokens.labels(kind) for kind in ("inference", "forward", "backward")}
+
+    def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        """A gauge computed when scraped (load figures owned by other objects)."""
+        Gauge(name, documentation, registry=self.registry).set_function(read)
+
+    def request(self, rpc: str, seconds: float, tokens: int, kind: str) -> None:
+        self._latency_children[rpc].observe(seconds)
+        self._token_children[kind].inc(tokens)
+
+    def batch(self, rows: int, seconds: float) -> None:
+        """Called on the worker thread (prometheus_client metrics are thread-safe)."""
+        self.batch_rows.observe(rows)
+        self.batch_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc; 0.0 elsewhere), for the start-to-ready figure."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime_s = float(f.read().split()[0])
+        return max(0.0, uptime_s - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def register_server_gauges(m: ServerMetrics, server: ShardServer) -> None:
+    """Load figures of `server`, read when scraped."""
+    cache, scheduler = server.cache, server.scheduler
+    m.gauge("pollen_active_sessions", "Open inference sessions", lambda: cache.active_sessions)
+    m.gauge("pollen_sessions_waiting", "Session opens waiting for cache room", lambda: cache.waiting)
+    m.gauge("pollen_cache_bytes_budget", "KV-cache budget in bytes", lambda: cache.budget_bytes)
+    m.gauge("pollen_cache_bytes_used", "KV-cache bytes reserved by open sessions", lambda: cache.used_bytes)
+    m.gauge("pollen_cache_bytes_free", "KV-cache bytes free for new sessions", lambda: cache.free_bytes)
+    m.gauge("pollen_cache_bytes_allocated", "KV-cache bytes allocated now", cache.allocated_bytes)
+    m.gauge("pollen_cache_tokens_left", "Cache tokens left through all held blocks", lambda: cache.tokens_left)
+    m.gauge("pollen_queued_requests", "Requests waiting for the worker", lambda: scheduler.queued)
+    m.gauge("pollen_throughput_tps", "Announced tokens/s", lambda: server.throughput_tps)
+    m.gauge("pollen_rss_bytes", "Resident memory of the process", rss_bytes)
+    m.gauge("pollen_blocks_start", "First held block", lambda: server.blocks.start if server.blocks else -1)
+    m.gauge(
+        "pollen_blocks_end", "End of the held range (exclusive)", lambda: server.blocks.end if server.blocks else -1
+    )
+
+
+class MetricsEndpoint:
+    """GET /metrics → Prometheus text format; anything else → 404. HTTP/1.0 style: one request per connection."""
+
+    def __init__(self, metrics: ServerMetrics, host: str, port: int) -> None:
+        self.metrics = metrics
+        self.host = host
+        self.requested_port = port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.requested_port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("metrics at http://%s:%d/metrics", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5.0)
+            while await asyncio.wait_for(reader.readline(), 5.0) not in (b"\r\n", b"\n", b""):
+                pass  # headers are not needed
+            parts = request.decode("latin-1").split()
+            if len(parts) >= 2 and parts[0] in ("GET", "HEAD") and parts[1].split("?")[0] == "/metrics":
+                body = self.metrics.render()
+                head = f"HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
+            else:
+                body = b"not found; try /metrics\n"
+                head = "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n"
+            head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            writer.write(head.encode() + (body if parts and parts[0] != "HEAD" else b""))
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()

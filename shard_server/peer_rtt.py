@@ -1,0 +1,102 @@
+"""PeerRtts: this server's smoothed RTTs to the servers a chain may continue on after it, announced as
+`next_rtts_ms` so clients can price server-to-server pushes (client_sdk/routing.py).
+
+A session on this server may end at any block b in (start, end], so the candidates are the servers whose
+span starts there. They are read from the DHT and probed with the Info RPC every period (in the background).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from swarm.blocks import BlockRange, block_key
+from swarm.dht_client import DhtClient
+from swarm.errors import PollenError
+from swarm.pb import shard_pb2, shard_pb2_grpc
+from swarm.records import ServerRecord, ServerState
+
+log = logging.getLogger(__name__)
+
+MAX_PEERS = 16  # announced entries (the record allows 64; keep it small)
+
+
+class PeerRtts:
+    def __init__(
+        self,
+        dht: DhtClient,
+        model_id: str,
+        blocks: BlockRange,
+        peer_id: str,
+        alpha: float = 0.3,
+        timeout_s: float = 2.0,
+    ) -> None:
+        self.dht = dht
+        self.model_id = model_id
+        self.blocks = blocks
+        self.peer_id = peer_id
+        self.alpha = alpha
+        self.timeout_s = timeout_s
+        self.rtts_ms: dict[str, float] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def snapshot(self) -> dict[str, float]:
+        """Best entries first, at most MAX_PEERS (what goes into the announced record)."""
+        return dict(sorted(self.rtts_ms.items(), key=lambda kv: kv[1])[:MAX_PEERS])
+
+    async def next_servers(self) -> list[ServerRecord]:
+        """Live servers whose span starts at one of our boundaries (start, end]."""
+        firsts = range(self.blocks.start + 1, self.blocks.end + 1)
+        raw = await self.dht.batch_get([block_key(self.model_id, b) for b in firsts])
+        now = time.time()
+        found: dict[str, ServerRecord] = {}
+        for block, entries in zip(firsts, raw, strict=True):
+            for entry in entries.values():
+                r = ServerRecord.decode(entry.value)
+                if (
+                    r is not None
+                    and entry.expiration > now
+                    and r.state == ServerState.ONLINE
+                    and r.start == block
+                    and r.peer_id != self.peer_id
+                ):
+                    found[r.peer_id] = r
+        return list(found.values())
+
+    async def measure(self) -> None:
+        servers = await self.next_servers()
+        alive = {r.peer_id for r in servers}
+        self.rtts_ms = {p: v for p, v in self.rtts_ms.items() if p in alive}  # forget servers that left
+        await asyncio.gather(*(self._probe(r) for r in servers[: MAX_PEERS * 2]))
+
+    async def _probe(self, record: ServerRecord) -> None:
+        channel = self._channels.get(record.address)
+        if channel is None:
+            channel = self._channels[record.address] = grpc.aio.insecure_channel(
+                record.address, options=[("grpc.enable_http_proxy", 0)]
+            )
+        stub = shard_pb2_grpc.ShardStub(channel)
+        t0 = time.perf_counter()
+        try:
+            await stub.Info(shard_pb2.InfoRequest(), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError:
+            self.rtts_ms.pop(record.peer_id, None)
+            return
+        sample = (time.perf_counter() - t0) * 1000
+        old = self.rtts_ms.get(record.peer_id)
+        self.rtts_ms[record.peer_id] = sample if old is None else (1 - self.alpha) * old + self.alpha * sample
+
+    async def _run_measure_loop(self, period_s: float) -> None:
+        while True:
+            try:
+                await self.measure()
+            except PollenError as e:
+                log.debug("measuring RTTs to next servers failed: %s", e)
+            await asyncio.sleep(period_s)
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)

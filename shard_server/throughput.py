@@ -1,0 +1,158 @@
+"""How fast this server is: measured once per model/device/dtype/blocks and cached in a JSON file.
+
+- inference_tps: tokens/s of single-token steps of one session through the whole span (what one client sees);
+- forward_tps: tokens/s of a batched Forward (what a fine-tuning client sees);
+- batch_speedup: aggregate tokens/s of `BATCH_SESSIONS` sessions decoding together over one session alone,
+  which decides whether cross-session batching is on (it is when > 1.1, i.e. when it is faster);
+- network_tps: hidden states/s the link carries, from `--network-mbps` (default 100 Mbit/s, Petals' fallback):
+  a private swarm has no speed-test endpoint to measure against.
+The announced throughput is min(inference_tps, network_tps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from shard_server.backend import BlockBackend
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+BATCH_SESSIONS = 4
+DEFAULT_NETWORK_MBPS = 100.0
+
+
+def default_cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "pollen" / "throughput.json"
+
+
+@dataclass(frozen=True)
+class Throughput:
+    inference_tps: float
+    forward_tps: float
+    batch_speedup: float
+    network_tps: float
+
+    @property
+    def announced_tps(self) -> float:
+        return min(self.inference_tps, self.network_tps)
+
+
+def network_tps(hidden_size: int, mbps: float | None) -> float:
+    """Tokens/s the link can carry one way, with 16-bit hidden states (Petals' formula)."""
+    return (mbps if mbps is not None else DEFAULT_NETWORK_MBPS) * 1e6 / (hidden_size * 16)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name} x{torch.get_num_threads()} threads"
+
+
+def cache_key(model_hash: str, device: torch.device, dtype: str, quant: str, num_blocks: int) -> str:
+    parts = (
+        f"v{CACHE_VERSION}",
+        model_hash,
+        device_name(device),
+        dtype,
+        quant,
+        f"{num_blocks} blocks",
+        torch.__version__,
+    )
+    return "|".join(parts)
+
+
+def load_cached(path: Path, key: str) -> Throughput | None:
+    try:
+        with open(path) as f:
+            entry = json.load(f).get(key)
+        return Throughput(**entry) if isinstance(entry, dict) else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def store_cached(path: Path, key: str, value: Throughput) -> None:
+    """Merge one entry into the file under an exclusive lock (several servers may share one cache dir)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            try:
+                data = json.loads(f.read() or "{}")
+            except ValueError:
+                data = {}
+            data[key] = asdict(value)
+            f.seek(0)
+            f.truncate()
+            json.dump(data, f, indent=1, sort_keys=True)
+    except OSError as e:
+        log.warning("could not write the throughput cache %s: %s", path, e)
+
+
+def _median_s(fn: object, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()  # type: ignore[operator]
+        times.append(time.perf_counter() - t0)
+    return max(statistics.median(times), 1e-9)
+
+
+def measure_inference_tps(backend: BlockBackend, steps: int = 5) -> float:
+    """Single-token steps of one session (batch 1) through the whole span, after warm-up."""
+    from shard_server.cache import Session
+
+    blocks = backend.blocks
+    session = Session(0, "throughput", blocks, max_length=steps + 8, batch_size=1, reserved_tokens=0, reserved_bytes=0)
+    token = torch.randn(1, 1, backend.hidden_size)
+    backend.session_step(session, 0, token)  # warm-up: first calls allocate and pick kernels
+    position = [1]
+
+    def one() -> None:
+        backend.session_step(session, position[0], token)
+        position[0] += 1
+
+    return 1.0 / _median_s(one, steps)
+
+
+def measure(backend: BlockBackend, forward_tokens: int, mbps: float | None) -> Throughput:
+    """All compute figures for the loaded span; runs on the worker thread (about a second on small models)."""
+    from shard_server.cache import Session
+
+    inference = measure_inference_tps(backend)
+    blocks = backend.blocks
+    hidden = torch.randn(1, forward_tokens, backend.hidden_size)
+    backend.forward(blocks, hidden)  # warm-up
+    forward = forward_tokens / _median_s(lambda: backend.forward(blocks, hidden), 2)
+
+    speedup = 1.0
+    if backend.can_batch(blocks):
+        sessions = [Session(i, "throughput", blocks, 16, 1, 0, 0) for i in range(BATCH_SESSIONS)]
+        token = torch.randn(1, 1, backend.hidden_size)
+        for s in sessions:
+            backend.session_step(s, 0, token)
+        steps = [(s, 1, token, None) for s in sessions]
+        batched_s = _median_s(lambda: backend.decode_batch(blocks, steps), 3)
+        speedup = (BATCH_SESSIONS / batched_s) / inference
+    return Throughput(inference, forward, speedup, network_tps(backend.hidden_size, mbps))
