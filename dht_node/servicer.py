@@ -103,6 +103,14 @@ class DhtServicer(dht_pb2_grpc.DhtServicer):
             version=swarm.__version__,
         )
 
+    @_map_errors
+    async def SpeedTest(
+        self, request: dht_pb2.SpeedTestRequest, context: grpc.aio.ServicerContext
+    ) -> dht_pb2.SpeedTestResponse:
+        # Never more bytes out than in: a probe cannot be used to amplify traffic towards someone else.
+        reply = min(request.reply_bytes, len(request.payload))
+        return dht_pb2.SpeedTestResponse(received_bytes=len(request.payload), payload=bytes(reply))
+
     def _parse_items(self, items: Any) -> Record:
         limits = self.node.storage.limits
         if not items:

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON file caching throughput measurements per model/device/dtype/blocks "
                         "(default: ~/.cache/pollen/throughput.json)")
     p.add_argument("--network-mbps", type=_positive_float, default=None,
-                   help="link speed in Mbit/s for the network part of the announced throughput (default 100)")
+                   help="link speed in Mbit/s for the network part of the announced throughput (default: measured "
+                        "to the dht-node at start; 100 without one)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on --host at this port (0 = a free port, logged); off if unset")
     p.add_argument("--announce-period", type=_positive_float, default=None,

@@ -42,6 +42,7 @@ from shard_server.servicer import ShardServicer
 from swarm.aio import TaskSet, install_signal_handlers, write_ready_file
 from swarm.blocks import BlockRange
 from swarm.dht_client import DhtClient, parse_peers
+from swarm.errors import PollenError
 from swarm.identity import Identity
 from swarm.model_files import config_fingerprint, default_model_id
 from swarm.pb import shard_pb2, shard_pb2_grpc
@@ -248,10 +249,22 @@ class ShardServer:
         key = throughput.cache_key(self._model_hash, self._device, self.config.dtype, self.config.quant, num_blocks)
         return throughput.load_cached(Path(path), key)
 
+    async def _measure_network(self) -> float | None:
+        """Mbit/s to our dht-node (the swarm's entry point), or None (the 100 Mbit/s default) without one."""
+        if self._dht is None:
+            return None
+        try:
+            mbps = await self._dht.measure_mbps()
+        except PollenError as e:
+            log.warning("network speed test failed (%s); announcing the default link speed", e)
+            return None
+        log.info("network speed to the DHT: %.0f Mbit/s", mbps)
+        return mbps
+
     async def _measure(self, backend: BlockBackend) -> None:
         """Throughput from --throughput, the cache file, or a measurement (then cached); decides batching."""
         cfg = self.config
-        network = throughput.network_tps(backend.hidden_size, cfg.network_mbps)
+        network = throughput.network_tps(backend.hidden_size, cfg.network_mbps or await self._measure_network())
         if cfg.throughput_tps is not None:
             # No measurement: batched decode has been faster on every device we measured (decode is weight-bound).
             tp = throughput.Throughput(cfg.throughput_tps, 0.0, float(backend.can_batch(backend.blocks)) * 2, network)

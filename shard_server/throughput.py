@@ -4,8 +4,8 @@
 - forward_tps: tokens/s of a batched Forward (what a fine-tuning client sees);
 - batch_speedup: aggregate tokens/s of `BATCH_SESSIONS` sessions decoding together over one session alone,
   which decides whether cross-session batching is on (it is when > 1.1, i.e. when it is faster);
-- network_tps: hidden states/s the link carries, from `--network-mbps` (default 100 Mbit/s, Petals' fallback):
-  a private swarm has no speed-test endpoint to measure against.
+- network_tps: hidden states/s the link carries: `--network-mbps`, else the speed measured to the dht-node at
+  every start (the `SpeedTest` RPC; networks change, so it is not cached), else 100 Mbit/s (Petals' fallback).
 The announced throughput is min(inference_tps, network_tps).
 """
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -120,6 +122,18 @@ class DhtClient:
 
     async def ping(self) -> dht_pb2.PingResponse:
         return await self._call("ping", lambda s: s.Ping(dht_pb2.PingRequest(), timeout=self.timeout_s))
+
+    async def measure_mbps(self, payload_bytes: int = 1 << 20, rounds: int = 3) -> float:
+        """Link speed to the first dht-node that answers, in Mbit/s: `payload_bytes` up and as many back per round,
+        median over `rounds` (after one warm-up round that opens the connection)."""
+        request = dht_pb2.SpeedTestRequest(payload=bytes(payload_bytes), reply_bytes=payload_bytes)
+        speeds = []
+        for i in range(rounds + 1):
+            t0 = time.perf_counter()
+            await self._call("speed test", lambda s: s.SpeedTest(request, timeout=self.timeout_s))
+            if i:
+                speeds.append(2 * payload_bytes * 8 / (time.perf_counter() - t0) / 1e6)
+        return statistics.median(speeds)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}

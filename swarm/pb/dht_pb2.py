@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12swarm/pb/dht.proto\x12\tpollen.v1\"g\n\x0bSubkeyValue\x12\x0e\n\x06subkey\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x12\n\nexpiration\x18\x03 \x01(\x01\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"B\n\x0cStoreRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05items\x18\x02 \x03(\x0b\x32\x16.pollen.v1.SubkeyValue\"1\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x10\n\x08replicas\x18\x02 \x01(\r\"\x19\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"<\n\x06Record\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05items\x18\x02 \x03(\x0b\x32\x16.pollen.v1.SubkeyValue\"0\n\x0bGetResponse\x12!\n\x06record\x18\x01 \x01(\x0b\x32\x11.pollen.v1.Record\"\x1f\n\x0f\x42\x61tchGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"6\n\x10\x42\x61tchGetResponse\x12\"\n\x07records\x18\x01 \x03(\x0b\x32\x11.pollen.v1.Record\"\r\n\x0bPingRequest\"P\n\x0cPingResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05peers\x18\x03 \x01(\r\x12\x0f\n\x07version\x18\x04 \x01(\t2\xf5\x01\n\x03\x44ht\x12:\n\x05Store\x12\x17.pollen.v1.StoreRequest\x1a\x18.pollen.v1.StoreResponse\x12\x34\n\x03Get\x12\x15.pollen.v1.GetRequest\x1a\x16.pollen.v1.GetResponse\x12\x43\n\x08\x42\x61tchGet\x12\x1a.pollen.v1.BatchGetRequest\x1a\x1b.pollen.v1.BatchGetResponse\x12\x37\n\x04Ping\x12\x16.pollen.v1.PingRequest\x1a\x17.pollen.v1.PingResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12swarm/pb/dht.proto\x12\tpollen.v1\"g\n\x0bSubkeyValue\x12\x0e\n\x06subkey\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x12\n\nexpiration\x18\x03 \x01(\x01\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"B\n\x0cStoreRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05items\x18\x02 \x03(\x0b\x32\x16.pollen.v1.SubkeyValue\"1\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x10\n\x08replicas\x18\x02 \x01(\r\"\x19\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"<\n\x06Record\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05items\x18\x02 \x03(\x0b\x32\x16.pollen.v1.SubkeyValue\"0\n\x0bGetResponse\x12!\n\x06record\x18\x01 \x01(\x0b\x32\x11.pollen.v1.Record\"\x1f\n\x0f\x42\x61tchGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"6\n\x10\x42\x61tchGetResponse\x12\"\n\x07records\x18\x01 \x03(\x0b\x32\x11.pollen.v1.Record\"\r\n\x0bPingRequest\"P\n\x0cPingResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05peers\x18\x03 \x01(\r\x12\x0f\n\x07version\x18\x04 \x01(\t\"8\n\x10SpeedTestRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\r\"<\n\x11SpeedTestResponse\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x32\xbd\x02\n\x03\x44ht\x12:\n\x05Store\x12\x17.pollen.v1.StoreRequest\x1a\x18.pollen.v1.StoreResponse\x12\x34\n\x03Get\x12\x15.pollen.v1.GetRequest\x1a\x16.pollen.v1.GetResponse\x12\x43\n\x08\x42\x61tchGet\x12\x1a.pollen.v1.BatchGetRequest\x1a\x1b.pollen.v1.BatchGetResponse\x12\x37\n\x04Ping\x12\x16.pollen.v1.PingRequest\x1a\x17.pollen.v1.PingResponse\x12\x46\n\tSpeedTest\x12\x1b.pollen.v1.SpeedTestRequest\x1a\x1c.pollen.v1.SpeedTestResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,6 +51,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PINGREQUEST']._serialized_end=498
   _globals['_PINGRESPONSE']._serialized_start=500
   _globals['_PINGRESPONSE']._serialized_end=580
-  _globals['_DHT']._serialized_start=583
-  _globals['_DHT']._serialized_end=828
+  _globals['_SPEEDTESTREQUEST']._serialized_start=582
+  _globals['_SPEEDTESTREQUEST']._serialized_end=638
+  _globals['_SPEEDTESTRESPONSE']._serialized_start=640
+  _globals['_SPEEDTESTRESPONSE']._serialized_end=700
+  _globals['_DHT']._serialized_start=703
+  _globals['_DHT']._serialized_end=1020
 # @@protoc_insertion_point(module_scope)

@@ -83,3 +83,19 @@ class PingResponse(_message.Message):
     peers: int
     version: str
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., peers: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+
+class SpeedTestRequest(_message.Message):
+    __slots__ = ("payload", "reply_bytes")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    reply_bytes: int
+    def __init__(self, payload: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
+
+class SpeedTestResponse(_message.Message):
+    __slots__ = ("received_bytes", "payload")
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    received_bytes: int
+    payload: bytes
+    def __init__(self, received_bytes: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...

@@ -54,6 +54,11 @@ class DhtStub:
                 request_serializer=swarm_dot_pb_dot_dht__pb2.PingRequest.SerializeToString,
                 response_deserializer=swarm_dot_pb_dot_dht__pb2.PingResponse.FromString,
                 _registered_method=True)
+        self.SpeedTest = channel.unary_unary(
+                '/pollen.v1.Dht/SpeedTest',
+                request_serializer=swarm_dot_pb_dot_dht__pb2.SpeedTestRequest.SerializeToString,
+                response_deserializer=swarm_dot_pb_dot_dht__pb2.SpeedTestResponse.FromString,
+                _registered_method=True)
 
 
 class DhtServicer:
@@ -84,6 +89,14 @@ class DhtServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SpeedTest(self, request, context):
+        """Bandwidth probe: the caller sends `payload` and gets `reply_bytes` back (at most the payload's size, so a
+        node never amplifies traffic). Shard servers time it at start to announce their network speed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DhtServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +119,11 @@ def add_DhtServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=swarm_dot_pb_dot_dht__pb2.PingRequest.FromString,
                     response_serializer=swarm_dot_pb_dot_dht__pb2.PingResponse.SerializeToString,
+            ),
+            'SpeedTest': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpeedTest,
+                    request_deserializer=swarm_dot_pb_dot_dht__pb2.SpeedTestRequest.FromString,
+                    response_serializer=swarm_dot_pb_dot_dht__pb2.SpeedTestResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +234,33 @@ class Dht:
             '/pollen.v1.Dht/Ping',
             swarm_dot_pb_dot_dht__pb2.PingRequest.SerializeToString,
             swarm_dot_pb_dot_dht__pb2.PingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SpeedTest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollen.v1.Dht/SpeedTest',
+            swarm_dot_pb_dot_dht__pb2.SpeedTestRequest.SerializeToString,
+            swarm_dot_pb_dot_dht__pb2.SpeedTestResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from shard_server.cli import build_parser
+from shard_server.throughput import network_tps
 from swarm.blocks import block_key
 from swarm.dht_client import DhtClient
 from swarm.records import ServerRecord, ServerState
@@ -104,6 +105,8 @@ async def test_announces_online_then_offline(procs: SwarmProcesses, tiny_llama: 
                 1,
                 3,
             )
+            # Network speed was measured against the dht-node (loopback: far above the 100 Mbit/s fallback).
+            assert records[0].network_tps > network_tps(64, 100.0)
         assert not await client.get(block_key("tiny", 0))  # blocks it does not hold are not announced
 
         assert await asyncio.to_thread(procs.stop, server, signal.SIGTERM, 10) == 0, server.log()

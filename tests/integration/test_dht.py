@@ -295,6 +295,21 @@ async def test_client_fails_over_when_the_first_node_is_dead(swarm: list[DhtNode
         await client.close()
 
 
+async def test_speed_test_never_amplifies_and_measures(swarm: list[DhtNode]) -> None:
+    async with grpc.aio.insecure_channel(swarm[1].address) as channel:
+        stub = dht_pb2_grpc.DhtStub(channel)
+        reply = await bounded(stub.SpeedTest(dht_pb2.SpeedTestRequest(payload=b"x" * 1000, reply_bytes=10**6)))
+        assert reply.received_bytes == 1000 and len(reply.payload) == 1000  # clamped to what was sent
+        reply = await bounded(stub.SpeedTest(dht_pb2.SpeedTestRequest(payload=b"x" * 1000, reply_bytes=10)))
+        assert len(reply.payload) == 10
+    client = DhtClient([swarm[1].address])
+    try:
+        mbps = await bounded(client.measure_mbps(payload_bytes=256 * 1024, rounds=2))
+        assert mbps > 100  # loopback
+    finally:
+        await client.close()
+
+
 async def test_health_and_reflection_services(swarm: list[DhtNode]) -> None:
     async with grpc.aio.insecure_channel(swarm[0].address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
