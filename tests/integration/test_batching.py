@@ -28,6 +28,7 @@ from swarm.blocks import BlockRange
 from swarm.pb import common_pb2, shard_pb2, shard_pb2_grpc
 from swarm.records import ServerRecord
 from swarm.tensors import from_proto, to_proto
+from tests.servers import serve
 
 TIMEOUT_S = 30
 HIDDEN = 64
@@ -49,16 +50,8 @@ async def server(tiny_llama: Path) -> AsyncIterator[ShardServer]:
         throughput_tps=100.0,  # skip the measurement; batching "auto" is then on for Llama
         metrics_port=0,
     )
-    srv = ShardServer(config)
-    await asyncio.wait_for(srv.start(), TIMEOUT_S)
-    yield srv
-    await asyncio.wait_for(srv.stop(), TIMEOUT_S)
-
-
-@pytest_asyncio.fixture(scope="module")
-async def stub(server: ShardServer) -> AsyncIterator[shard_pb2_grpc.ShardStub]:
-    async with grpc.aio.insecure_channel(server.address) as channel:
-        yield shard_pb2_grpc.ShardStub(channel)
+    async for srv in serve(config):
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from shard_server import ShardServer, ShardServerConfig
 from swarm.blocks import BlockRange
 from swarm.pb import common_pb2, shard_pb2, shard_pb2_grpc
 from swarm.tensors import from_proto, to_proto
+from tests.servers import serve
 
 TIMEOUT_S = 30
 HIDDEN = 64
@@ -45,16 +46,8 @@ async def server(tiny_llama: Path) -> AsyncIterator[ShardServer]:
         max_batch_size=MAX_TOKENS,
         throughput_tps=100.0,  # skip the measurement: start-up speed matters more here
     )
-    srv = ShardServer(config)
-    await asyncio.wait_for(srv.start(), TIMEOUT_S)
-    yield srv
-    await asyncio.wait_for(srv.stop(), TIMEOUT_S)
-
-
-@pytest_asyncio.fixture(scope="module")
-async def stub(server: ShardServer) -> AsyncIterator[shard_pb2_grpc.ShardStub]:
-    async with grpc.aio.insecure_channel(server.address) as channel:
-        yield shard_pb2_grpc.ShardStub(channel)
+    async for srv in serve(config):
+        yield srv
 
 
 @pytest.fixture(scope="module")
