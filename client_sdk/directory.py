@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from client_sdk.routing import RouteCosts, Span, find_route, sample_route
 from client_sdk.transport import ChannelPool
 from swarm.blocks import block_key
-from swarm.dht_client import DhtClient, Record, verified
+from swarm.dht_client import DhtClient
 from swarm.errors import MissingBlocks, ModelMismatch, PollenError
-from swarm.records import ServerRecord, ServerState
+from swarm.records import Record, ServerRecord, ServerState, decode_server_records
 
 log = logging.getLogger(__name__)
 
@@ -63,49 +63,35 @@ def decode_block_records(
     first_block: int = 0,
     min_precision: str | None = None,
 ) -> BlockRecords:
-    """Keep records that are well-formed, unexpired, ONLINE, for this model and that cover their block.
+    """Keep records that are trustworthy, well-formed, unexpired, ONLINE, for this model and cover their block.
 
-    `raw[i]` is the DHT record of block `first_block + i`. Peers can write anything, so every way a record
-    can be unusable is expected and only logged at debug level.
+    `raw[i]` is the DHT record of block `first_block + i`. Signatures, schema, expiry, model and block are
+    checked by swarm.records.decode_server_records; this adds the client's policy (state, model hash,
+    precision). Peers can write anything, so every way a record can be unusable is only logged at debug level.
     """
     out = BlockRecords(per_block=[{} for _ in raw])
     for i, entries in enumerate(raw):
         block = first_block + i
-        for subkey, entry in entries.items():
-            record = ServerRecord.decode(entry.value)
-            reason = _skip_reason(record, entry.expiration, block, model_id, model_hash, now, min_precision)
-            if record is None or reason:
+        for peer_id, record in decode_server_records(
+            block_key(model_id, block), entries, now, skipped=out.skipped
+        ).items():
+            reason = _skip_reason(record, model_hash, min_precision)
+            if reason:
                 out.skipped[reason] += 1
-                log.debug("skip record %s of block %d: %s", subkey, block, reason)
-                if reason == "model_hash mismatch" and record is not None:
+                log.debug("skip record of %s for block %d: %s", peer_id[:16], block, reason)
+                if reason == "model_hash mismatch":
                     out.foreign_hashes.add(record.model_hash)
                 continue
-            out.per_block[i][record.peer_id] = record
+            out.per_block[i][peer_id] = record
     return out
 
 
-def _skip_reason(
-    record: ServerRecord | None,
-    expiration: float,
-    block: int,
-    model_id: str,
-    model_hash: str,
-    now: float,
-    min_precision: str | None = None,
-) -> str:
-    """Why a record cannot be used for `block`, or "" if it can."""
-    if record is None:
-        return "garbage"
-    if expiration < now:
-        return "expired"
+def _skip_reason(record: ServerRecord, model_hash: str, min_precision: str | None = None) -> str:
+    """Why the client does not use a valid record, or "" if it does."""
     if record.state != ServerState.ONLINE:
         return f"state {record.state.value}"
-    if record.model_id != model_id:
-        return "other model_id"
     if model_hash and record.model_hash and record.model_hash != model_hash:
         return "model_hash mismatch"
-    if block not in record.blocks:
-        return f"announces {record.blocks} under block {block}"
     if min_precision and PRECISION_RANK.get(record_precision(record), 0) < PRECISION_RANK[min_precision]:
         return f"precision {record_precision(record)} below min_precision {min_precision}"
     return ""
@@ -157,8 +143,8 @@ class SwarmView:
 
     async def _refresh(self) -> BlockRecords:
         keys = [block_key(self.model_id, i) for i in range(self.num_blocks)]
-        # signatures are checked here too: a dht-node we asked may be the one lying
-        raw = [verified(key, record) for key, record in zip(keys, await self.dht.batch_get(keys), strict=True)]
+        # signatures are checked in decode_block_records too: a dht-node we asked may be the one lying
+        raw = await self.dht.batch_get(keys)
         now = self._clock()
         self.records = decode_block_records(raw, self.model_id, self.model_hash, now, min_precision=self.min_precision)
         self.updated_at = now

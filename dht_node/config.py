@@ -6,22 +6,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dht_node.storage import MAX_VALUE_BYTES_LIMIT, StorageLimits
+from swarm.net import parse_addresses
 
 DEFAULT_PORT = 31337
 
 
 def parse_peers(text: str | Sequence[str]) -> tuple[str, ...]:
-    """ "h:p,h:p" or a list of them → ("h:p", ...); raises ValueError on a malformed address."""
-    items = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
-    peers = []
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        host, sep, port = item.rpartition(":")
-        if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"peer address must be HOST:PORT, got {item!r}")
-        peers.append(item)
-    return tuple(peers)
+    """ "h:p,h:p" or a list of them → ("h:p", ...); raises ValueError on a malformed address (swarm.net)."""
+    return tuple(parse_addresses(text))
 
 
 @dataclass(frozen=True)

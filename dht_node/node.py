@@ -28,6 +28,7 @@ from dht_node.storage import Record, RecordStorage, merge_into
 from dht_node.validation import RecordValidator
 from swarm.aio import TaskSet
 from swarm.identity import Identity
+from swarm.net import format_address, parse_address, server_options
 from swarm.pb import dht_pb2, dht_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ REPUBLISH_CONCURRENCY = 8  # keys republished at once (each is a lookup plus k s
 # Lookups in flight at once: a BatchGet of 80 keys would otherwise fire ~80*alpha datagrams in one burst and
 # overflow the UDP receive buffers of the nodes it asks (drops look like deaths and cost a full timeout).
 LOOKUP_CONCURRENCY = 16
+# gRPC message cap: requests are small (a Store fits 8 KiB, a SpeedTest sends 1 MiB) but a BatchGet reply
+# may carry 256 records of up to 56 KB each.
+MAX_MESSAGE_BYTES = 16 << 20
 UDP_RCVBUF_BYTES = 4 << 20  # asked of the kernel (capped by net.core.rmem_max): absorbs reply bursts
 
 
@@ -50,10 +54,6 @@ def _tcp_port_free(family: int, ip: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class DhtNode:
@@ -89,7 +89,7 @@ class DhtNode:
     @property
     def address(self) -> str:
         """HOST:PORT naming this node for both gRPC and the overlay (the announce host if one is set)."""
-        return join_host_port(self.config.announce_host or self.config.host, self.port)
+        return format_address(self.config.announce_host or self.config.host, self.port)
 
     @property
     def node_id(self) -> str:
@@ -145,23 +145,23 @@ class DhtNode:
             if _tcp_port_free(transport.get_extra_info("socket").family, sockname[0], port):
                 server = self._make_grpc_server()
                 try:
-                    server.add_insecure_port(join_host_port(cfg.host, port))
+                    server.add_insecure_port(format_address(cfg.host, port))
                 except RuntimeError:  # taken between the check and the bind
                     await server.stop(None)
                     server = None
             if server is None:
                 transport.close()
                 if cfg.port != 0 or attempt == BIND_ATTEMPTS:
-                    raise OSError(f"cannot bind gRPC on {join_host_port(cfg.host, port)} (TCP port taken?)")
+                    raise OSError(f"cannot bind gRPC on {format_address(cfg.host, port)} (TCP port taken?)")
                 log.debug("TCP port %d is taken though UDP was free; picking another port", port)
                 continue
             self._transport, self._protocol, self._grpc, self.port = transport, protocol, server, port
             return
 
     def _make_grpc_server(self) -> grpc.aio.Server:
-        # gRPC sets SO_REUSEPORT by default: two nodes could then share one TCP port and split its traffic.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        dht_pb2_grpc.add_DhtServicer_to_server(DhtServicer(self), server)
+        # server_options turns SO_REUSEPORT off: two nodes could otherwise share one TCP port.
+        server = grpc.aio.server(options=server_options(MAX_MESSAGE_BYTES))
+        dht_pb2_grpc.add_DhtServicer_to_server(DhtServicer(self, self.storage.limits, self.validator), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([DHT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         return server
@@ -202,10 +202,9 @@ class DhtNode:
         family = self.protocol.transport.get_extra_info("socket").family
         addresses, pings = [], []
         for peer in self.config.initial_peers:
-            host, _, port = peer.rpartition(":")
-            host = host.strip("[]")
+            host, port = parse_address(peer)  # config checked it already
             try:  # kademlia needs IPs: contacts are matched by (ip, port)
-                infos = await loop.getaddrinfo(host, int(port), family=family, type=socket.SOCK_DGRAM)
+                infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
             except OSError as e:
                 log.warning("cannot resolve initial peer %s: %s", peer, e)
                 continue

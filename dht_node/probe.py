@@ -13,20 +13,10 @@ from typing import TextIO
 
 from dht_node.config import DhtNodeConfig
 from dht_node.node import DhtNode
-from dht_node.storage import Record
 from swarm.blocks import block_key
-from swarm.identity import verify
-from swarm.records import MODELS_KEY, ModelRecord, ServerRecord, ServerState
+from swarm.records import MODELS_KEY, ModelRecord, ServerRecord, ServerState, decode_server_records, verified
 
 PROBE_TIMEOUT_S = 20.0
-
-
-def _signed(key: str, record: Record) -> list[tuple[str, bytes]]:
-    return [
-        (subkey, e.value)
-        for subkey, e in sorted(record.items())
-        if verify(key, subkey, e.value, e.expiration, e.public_key, e.signature) is None
-    ]
 
 
 def _table(rows: list[list[str]], out: TextIO) -> None:
@@ -38,8 +28,9 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
 async def probe(node: DhtNode, out: TextIO = sys.stdout) -> int:
     """Print the models table and one row per announcing server; returns how many models were found."""
     models: dict[str, ModelRecord] = {}
-    for _, value in _signed(MODELS_KEY, await node.get(MODELS_KEY, timeout_s=PROBE_TIMEOUT_S)):
-        info = ModelRecord.decode(value)
+    signed = verified(MODELS_KEY, await node.get(MODELS_KEY, timeout_s=PROBE_TIMEOUT_S), require_signed=True)
+    for _, entry in sorted(signed.items()):
+        info = ModelRecord.decode(entry.value)
         if info is not None and (info.model_id not in models or info.num_blocks > models[info.model_id].num_blocks):
             models[info.model_id] = info
     if not models:
@@ -53,9 +44,8 @@ async def probe(node: DhtNode, out: TextIO = sys.stdout) -> int:
         per_block = [0] * info.num_blocks
         seen: dict[str, ServerRecord] = {}
         for i, (key, record) in enumerate(zip(keys, records, strict=True)):
-            for peer, value in _signed(key, record):
-                server = ServerRecord.decode(value)
-                if server is None or server.state == ServerState.OFFLINE:
+            for peer, server in sorted(decode_server_records(key, record, require_signed=True).items()):
+                if server.state == ServerState.OFFLINE:
                     continue
                 per_block[i] += 1
                 seen[peer] = server

@@ -1,18 +1,17 @@
-"""DhtServicer: the `pollen.v1.Dht` gRPC service — proto ⇄ records, request validation, error mapping.
+"""DhtServicer: the `pollen.v1.Dht` gRPC service — proto ⇄ records, request validation.
 
-Stays thin: lookups and stores are DhtNode's. Bad requests get INVALID_ARGUMENT with a message that says
-what to change; unexpected failures are logged with a traceback and reported as INTERNAL.
+Stays thin: lookups and stores are the node's, reached through the small `DhtOperations` protocol (so this
+module never imports node.py, which builds the servicer). Bad requests raise InvalidRequest, which
+swarm.errors.map_errors turns into INVALID_ARGUMENT with a message that says what to change; unexpected
+failures are logged with a traceback and reported as INTERNAL.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol
 
 import grpc
 
@@ -23,50 +22,40 @@ from dht_node.storage import (
     MAX_SUBKEY_BYTES,
     Entry,
     Record,
+    StorageLimits,
 )
-from swarm.errors import InvalidRequest, PollenError
+from swarm.errors import InvalidRequest, map_errors
 from swarm.pb import dht_pb2, dht_pb2_grpc
-
-if TYPE_CHECKING:
-    from dht_node.node import DhtNode
-
-log = logging.getLogger(__name__)
 
 MAX_KEY_CHARS = 1024
 MAX_BATCH_KEYS = 256
 # Leave this much of the client's deadline for the reply itself when a lookup must stop early.
 DEADLINE_MARGIN_S = 0.2
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
+
+class DhtOperations(Protocol):
+    """What the servicer needs of a DhtNode."""
+
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    def peer_count(self) -> int: ...
+    async def store(self, key: str, record: Record) -> int: ...
+    async def get(self, key: str, timeout_s: float | None = None) -> Record: ...
 
 
-def _map_errors(
-    handler: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
-) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
-    """PollenError → its status code; anything else → INTERNAL with the traceback in the node's log."""
-
-    @functools.wraps(handler)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        try:
-            return await handler(self, request, context)
-        except PollenError as e:
-            await context.abort(e.code, str(e))
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s failed", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{handler.__name__} failed on the dht-node; see its log")
-        raise AssertionError("unreachable: context.abort raises")
-
-    return wrapper
+class RecordFilter(Protocol):
+    def filter(self, key: str, record: Record) -> tuple[Record, list[str]]: ...
 
 
 class DhtServicer(dht_pb2_grpc.DhtServicer):
-    def __init__(self, node: DhtNode) -> None:
+    def __init__(self, node: DhtOperations, limits: StorageLimits, validator: RecordFilter) -> None:
         self.node = node
+        self.limits = limits
+        self.validator = validator  # the checks every other node will run on a store (validation.py)
 
-    @_map_errors
+    @map_errors
     async def Store(self, request: dht_pb2.StoreRequest, context: grpc.aio.ServicerContext) -> dht_pb2.StoreResponse:
         _check_key(request.key)
         record = self._parse_items(request.items)
@@ -74,13 +63,13 @@ class DhtServicer(dht_pb2_grpc.DhtServicer):
         replicas = await self.node.store(request.key, record)
         return dht_pb2.StoreResponse(stored=replicas > 0, replicas=replicas)
 
-    @_map_errors
+    @map_errors
     async def Get(self, request: dht_pb2.GetRequest, context: grpc.aio.ServicerContext) -> dht_pb2.GetResponse:
         _check_key(request.key)
         record = await self.node.get(request.key, timeout_s=_lookup_budget(context))
         return dht_pb2.GetResponse(record=_record_msg(request.key, record))
 
-    @_map_errors
+    @map_errors
     async def BatchGet(
         self, request: dht_pb2.BatchGetRequest, context: grpc.aio.ServicerContext
     ) -> dht_pb2.BatchGetResponse:
@@ -94,7 +83,7 @@ class DhtServicer(dht_pb2_grpc.DhtServicer):
             records=[_record_msg(key, record) for key, record in zip(request.keys, records, strict=True)]
         )
 
-    @_map_errors
+    @map_errors
     async def Ping(self, request: dht_pb2.PingRequest, context: grpc.aio.ServicerContext) -> dht_pb2.PingResponse:
         return dht_pb2.PingResponse(
             node_id=self.node.node_id,
@@ -103,7 +92,7 @@ class DhtServicer(dht_pb2_grpc.DhtServicer):
             version=swarm.__version__,
         )
 
-    @_map_errors
+    @map_errors
     async def SpeedTest(
         self, request: dht_pb2.SpeedTestRequest, context: grpc.aio.ServicerContext
     ) -> dht_pb2.SpeedTestResponse:
@@ -112,7 +101,7 @@ class DhtServicer(dht_pb2_grpc.DhtServicer):
         return dht_pb2.SpeedTestResponse(received_bytes=len(request.payload), payload=bytes(reply))
 
     def _parse_items(self, items: Any) -> Record:
-        limits = self.node.storage.limits
+        limits = self.limits
         if not items:
             raise InvalidRequest("Store needs at least one item (sub-key)")
         if len(items) > limits.max_subkeys_per_key:
@@ -151,7 +140,7 @@ class DhtServicer(dht_pb2_grpc.DhtServicer):
     def _check_record(self, key: str, record: Record) -> None:
         """Signature, ownership and schema checks, as every other node will run them: fail loudly here rather
         than have the k closest nodes silently refuse the store."""
-        _, refused = self.node.validator.filter(key, record)
+        _, refused = self.validator.filter(key, record)
         if refused:
             raise InvalidRequest(f"store of {key[:64]!r} refused: {refused[0]}")
 

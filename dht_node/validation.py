@@ -14,16 +14,12 @@ import logging
 from collections import OrderedDict
 
 from dht_node.storage import Entry, Record
-from swarm.identity import verify
+from swarm.identity import looks_like_peer_id, verify
 from swarm.records import is_known_key, validate_value
 
 log = logging.getLogger(__name__)
 
 VERIFY_CACHE_SIZE = 16_384  # verified entries remembered: lookups see the same copy from k nodes
-
-
-def looks_like_peer_id(subkey: str) -> bool:
-    return len(subkey) == 40 and all(c in "0123456789abcdef" for c in subkey)
 
 
 class RecordValidator:

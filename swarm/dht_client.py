@@ -6,19 +6,21 @@ dht-node they were given. A node that does not answer is skipped and the next on
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
 
 from swarm.errors import DhtUnavailable, from_rpc_error
-from swarm.identity import Identity, verify
+from swarm.identity import Identity, looks_like_peer_id
+from swarm.net import ChannelCache, parse_addresses
 from swarm.pb import dht_pb2, dht_pb2_grpc
+from swarm.records import Record, SubkeyEntry, verified
+
+__all__ = ["DhtClient", "Record", "SubkeyEntry", "looks_like_peer_id", "parse_peers", "verified"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,46 +35,26 @@ _FAILOVER_CODES = {
 }
 
 
-@dataclass(frozen=True)
-class SubkeyEntry:
-    value: bytes
-    expiration: float
-    public_key: bytes = b""
-    signature: bytes = b""
-
-
-Record = dict[str, SubkeyEntry]
-
-
 def parse_peers(text: str | Sequence[str]) -> list[str]:
-    """ "h:p,h:p" or a list of them → ["h:p", ...]; raises ValueError on a malformed address."""
-    items = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
-    out = []
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"peer address must be HOST:PORT, got {item!r}")
-        out.append(item)
-    return out
+    """ "h:p,h:p" or a list of them → ["h:p", ...]; raises ValueError on a malformed address (swarm.net)."""
+    return parse_addresses(text)
 
 
 class DhtClient:
     def __init__(self, addresses: Sequence[str], timeout_s: float = 5.0) -> None:
-        if not addresses:
+        self.addresses = parse_addresses(addresses)
+        if not self.addresses:
             raise ValueError("DhtClient needs at least one dht-node address (HOST:PORT)")
-        self.addresses = list(addresses)
         self.timeout_s = timeout_s
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = ChannelCache()
+        self._stubs: dict[str, dht_pb2_grpc.DhtStub] = {}
         self._preferred = 0  # index of the last node that answered
 
     def _stub(self, address: str) -> dht_pb2_grpc.DhtStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address)
-            self._channels[address] = channel
-        return dht_pb2_grpc.DhtStub(channel)
+        stub = self._stubs.get(address)
+        if stub is None:
+            stub = self._stubs[address] = dht_pb2_grpc.DhtStub(self._channels.get(address))
+        return stub
 
     async def _call(self, what: str, fn: Callable[[dht_pb2_grpc.DhtStub], Awaitable[T]]) -> T:
         errors = []
@@ -136,33 +118,11 @@ class DhtClient:
         return statistics.median(speeds)
 
     async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        self._stubs.clear()
+        await self._channels.close()
 
 
 def _record(msg: dht_pb2.Record) -> Record:
     return {
         item.subkey: SubkeyEntry(item.value, item.expiration, item.public_key, item.signature) for item in msg.items
     }
-
-
-def looks_like_peer_id(subkey: str) -> bool:
-    """40 lowercase hex characters: the shape of peer_id_of(); such sub-keys are only valid when signed."""
-    return len(subkey) == 40 and all(c in "0123456789abcdef" for c in subkey)
-
-
-def verified(key: str, record: Record, require_signed: bool = False) -> Record:
-    """The sub-keys of `record` a reader may trust (defence in depth: dht-nodes check this too, but a client
-    should not have to trust the one node it asked). A signed sub-key must verify; an unsigned one passes
-    only if `require_signed` is off and it does not pose as a peer id (which would impersonate a server)."""
-    out = {}
-    for subkey, entry in record.items():
-        if not entry.public_key and not entry.signature and not require_signed and not looks_like_peer_id(subkey):
-            out[subkey] = entry
-            continue
-        reason = verify(key, subkey, entry.value, entry.expiration, entry.public_key, entry.signature)
-        if reason is None:
-            out[subkey] = entry
-        else:
-            log.debug("ignored sub-key %s of %s: %s", subkey[:16], key, reason)
-    return out

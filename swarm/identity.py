@@ -29,6 +29,11 @@ def peer_id_of(public_key: bytes) -> str:
     return hashlib.sha256(public_key).hexdigest()[:40]
 
 
+def looks_like_peer_id(subkey: str) -> bool:
+    """40 lowercase hex characters: the shape of peer_id_of(); such sub-keys are only valid when signed."""
+    return len(subkey) == 40 and all(c in "0123456789abcdef" for c in subkey)
+
+
 def signing_payload(key: str, subkey: str, value: bytes, expiration: float) -> bytes:
     parts = [_DOMAIN, key.encode(), subkey.encode(), value, struct.pack(">d", expiration)]
     return b"".join(struct.pack(">I", len(p)) + p for p in parts)

@@ -7,11 +7,19 @@ records written by newer servers. Values are JSON bytes (small, human-readable i
 from __future__ import annotations
 
 import enum
+import logging
 import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from swarm.blocks import BlockRange
+from swarm.identity import looks_like_peer_id, verify
+
+log = logging.getLogger(__name__)
 
 MAX_RECORD_BYTES = 4096  # one announcement; the whole Kademlia datagram must stay below 8 KiB
 
@@ -155,3 +163,107 @@ def validate_value(key: str, subkey: str, value: bytes, owned: bool) -> str | No
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     return f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}"[:200]
+
+
+# ---- reading what the DHT returned: the one verifier and decoder of server records ----
+
+
+@dataclass(frozen=True)
+class SubkeyEntry:
+    """One sub-key of a DHT record as a reader receives it (expiration: absolute unix time)."""
+
+    value: bytes
+    expiration: float
+    public_key: bytes = b""
+    signature: bytes = b""
+
+
+Record = dict[str, SubkeyEntry]  # sub-key → entry
+
+
+class EntryLike(Protocol):
+    """SubkeyEntry, or a dht-node's own storage Entry: anything with these four fields."""
+
+    @property
+    def value(self) -> bytes: ...
+    @property
+    def expiration(self) -> float: ...
+    @property
+    def public_key(self) -> bytes: ...
+    @property
+    def signature(self) -> bytes: ...
+
+
+def signature_problem(key: str, subkey: str, entry: EntryLike, require_signed: bool = False) -> str | None:
+    """None if a reader may trust this sub-key, else why not (defence in depth: dht-nodes check this too,
+    but a reader should not have to trust the one node it asked). A signed sub-key must verify; an unsigned
+    one passes only if `require_signed` is off and it does not pose as a peer id (impersonating a server)."""
+    if not entry.public_key and not entry.signature and not require_signed and not looks_like_peer_id(subkey):
+        return None
+    return verify(key, subkey, entry.value, entry.expiration, entry.public_key, entry.signature)
+
+
+E = TypeVar("E", bound=EntryLike)
+
+
+def verified(key: str, record: Mapping[str, E], require_signed: bool = False) -> dict[str, E]:
+    """The sub-keys of `record` whose signatures a reader may trust (see signature_problem)."""
+    out = {}
+    for subkey, entry in record.items():
+        reason = signature_problem(key, subkey, entry, require_signed)
+        if reason is None:
+            out[subkey] = entry
+        else:
+            log.debug("ignored sub-key %s of %s: %s", subkey[:16], key, reason)
+    return out
+
+
+def decode_server_records(
+    key: str,
+    entries: Mapping[str, EntryLike],
+    now: float | None = None,
+    *,
+    require_signed: bool = False,
+    skipped: Counter[str] | None = None,
+) -> dict[str, ServerRecord]:
+    """The trustworthy, well-formed, unexpired ServerRecords of one block key ("<model>.block.<i>"), by peer
+    id. Skips (and counts in `skipped` by reason) sub-keys that fail their signature, are not a ServerRecord,
+    have expired by `now` (default: time.time()), name another model or a span without that block, or
+    whose record names a peer other than its signer. Peers can write anything, so none of this is an error.
+    State (ONLINE/DRAINING), model hash and precision are the caller's policy, not checked here."""
+    now = time.time() if now is None else now
+    block = _split_block_key(key)
+    out: dict[str, ServerRecord] = {}
+    for subkey, entry in entries.items():
+        result = _decode_one(key, block, subkey, entry, now, require_signed)
+        if isinstance(result, ServerRecord):
+            out[result.peer_id] = result
+            continue
+        reason, detail = result
+        if skipped is not None:
+            skipped[reason] += 1
+        log.debug("skip sub-key %s of %s: %s %s", subkey[:16], key, reason, detail)
+    return out
+
+
+def _decode_one(
+    key: str, block: tuple[str, int] | None, subkey: str, entry: EntryLike, now: float, require_signed: bool
+) -> ServerRecord | tuple[str, str]:
+    """The record, or (reason to count, detail to log) why it is unusable."""
+    if block is None:
+        return "not a block key", repr(key[:64])
+    problem = signature_problem(key, subkey, entry, require_signed)
+    if problem is not None:
+        return "bad signature", problem
+    record = ServerRecord.decode(entry.value)
+    if record is None:
+        return "garbage", ""
+    if entry.expiration < now:
+        return "expired", f"at {entry.expiration:.0f}"
+    if record.model_id != block[0]:
+        return "other model_id", repr(record.model_id[:64])
+    if block[1] not in record.blocks:
+        return "wrong block", f"announces {record.blocks} under block {block[1]}"
+    if entry.public_key and record.peer_id != subkey:
+        return "not its signer", f"record names {record.peer_id[:16]!r}"
+    return record
