@@ -117,21 +117,27 @@ def parse_address(text: str) -> tuple[str, int]:
         host, sep, port = item[1:].partition("]:")
         if not sep:
             raise ValueError(f"peer address must be [IPV6]:PORT, got {text!r}")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} in {text!r} is not an IPv6 address") from None
+        if not _is_ipv6(host):
+            raise ValueError(f"{host!r} in {text!r} is not an IPv6 address")
     else:
         host, sep, port = item.rpartition(":")
         if not sep or not host:
             raise ValueError(f"peer address must be HOST:PORT, got {text!r}")
-        if ":" in host:
+        if ":" in host and _is_ipv6(host):
             raise ValueError(f"IPv6 addresses need brackets: [{host}]:{port}, got {text!r}")
         if not _HOSTNAME.match(host):
             raise ValueError(f"{host!r} in {text!r} is not a host name or IP address")
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"port of {text!r} must be a number in 1..65535")
     return host, int(port)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def format_address(host: str, port: int) -> str:

@@ -1,10 +1,12 @@
-"""Ed25519 identities and signed sub-keys."""
+"""Ed25519 identities, signed sub-keys, and the one reader of server records (swarm.records)."""
 
 import stat
+from collections import Counter
 
 import pytest
 
 from swarm.identity import Identity, peer_id_of, verify
+from swarm.records import ServerRecord, SubkeyEntry, decode_server_records, verified
 
 
 def test_identity_is_persistent_and_private(tmp_path):
@@ -37,3 +39,40 @@ def test_signature_covers_every_field_and_ownership():
     assert "not owned" in verify(*args, mallory.public_key, forged)
     assert "32 bytes" in verify(*args, b"x", sig)
     assert "64 bytes" in verify(*args, alice.public_key, b"x")
+
+
+NOW = 1_000_000.0
+KEY = "m.block.3"
+
+
+def signed_entry(identity: Identity, key: str = KEY, expires: float = NOW + 60, **fields: object) -> SubkeyEntry:
+    base: dict[str, object] = dict(peer_id=identity.peer_id, address="127.0.0.1:7000", model_id="m", start=2, end=5)
+    value = ServerRecord(**{**base, **fields}).encode()  # type: ignore[arg-type]
+    return SubkeyEntry(value, expires, identity.public_key, identity.sign(key, identity.peer_id, value, expires))
+
+
+def test_decode_server_records_keeps_only_trustworthy_live_records():
+    good, other, liar, thief = (Identity.generate() for _ in range(4))
+    plain = ServerRecord(peer_id="p", address="h:1", model_id="m", start=3, end=4).encode()
+    entries = {
+        good.peer_id: signed_entry(good),
+        other.peer_id: signed_entry(other, expires=NOW - 1),  # expired
+        liar.peer_id: signed_entry(liar, model_id="n"),  # under m's key, names model n
+        thief.peer_id: signed_entry(thief, peer_id=good.peer_id),  # signed by thief, claims to be good
+        "stolen" + good.peer_id[6:]: signed_entry(good),  # good's signature on someone else's sub-key
+        "f" * 40: SubkeyEntry(plain, NOW + 60),  # unsigned, but poses as a peer id
+        "plain": SubkeyEntry(plain, NOW + 60),  # unsigned, honest name: fine on a private swarm
+        "junk": SubkeyEntry(b"{not json", NOW + 60),
+        "wrong": SubkeyEntry(ServerRecord(peer_id="w", address="h:1", model_id="m", start=0, end=3).encode(), NOW + 60),
+    }
+    skipped: Counter[str] = Counter()
+    out = decode_server_records(KEY, entries, NOW, skipped=skipped)
+    assert set(out) == {good.peer_id, "p"} and out[good.peer_id].peer_id == good.peer_id
+    assert skipped == Counter(
+        {"bad signature": 2, "expired": 1, "other model_id": 1, "not its signer": 1, "garbage": 1, "wrong block": 1}
+    )
+    assert set(decode_server_records(KEY, entries, NOW, require_signed=True)) == {good.peer_id}
+    # a record copied under another block key fails its signature (the key is signed)
+    assert decode_server_records("m.block.4", {good.peer_id: signed_entry(good)}, NOW) == {}
+    assert decode_server_records("not-a-block-key", entries, NOW) == {}
+    assert set(verified(KEY, entries)) == set(entries) - {"stolen" + good.peer_id[6:], "f" * 40}
