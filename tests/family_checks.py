@@ -335,10 +335,9 @@ def check_backward(s: Setup, rtol: float = 1e-5) -> None:
         loss = (logits[real] * weights[real]).sum()
         expected = torch.autograd.grad(loss, [captured[b] for b in starts])
 
-        hidden = s.head.embed(ids).detach()
-        inputs = []
+        hidden = s.head.embed(ids).detach().requires_grad_(True)
+        inputs = []  # each span's input, all in one graph
         for span in s.spans:
-            hidden = hidden.detach().requires_grad_(True)
             inputs.append(hidden)
             hidden = run_span(span, hidden, None, 0, mask)
         logits = s.head.logits(hidden)
