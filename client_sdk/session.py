@@ -15,6 +15,7 @@ hop itself; a server that dies is noticed from its broken stream at once, never 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -24,9 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from client_sdk.routing import Span
-from client_sdk.span_stream import SpanError, SpanStream, consolidate
+from client_sdk.span_stream import SpanError, SpanStream, StepInput, bad_reply, consolidate
 from client_sdk.transport import ChannelPool
-from swarm.errors import PollenError
 from swarm.pb import shard_pb2
 from swarm.tensors import to_proto
 
@@ -132,73 +132,61 @@ class InferenceSession:
         attention_mask: torch.Tensor | None = None,  # [batch, position + new_tokens]
         hypo_ids: torch.Tensor | None = None,  # int64 [batch]: beam search reorders cache rows first
     ) -> torch.Tensor:  # [batch, new_tokens, hidden]
-        """Run `hidden` through every span in order (the hot path), recovering from failed servers."""
+        """Run `hidden` through every span in order (the hot path), recovering from failed servers.
+
+        Each span gets the previous span's output. With push, the client writes to the first server only and
+        reads every server's reply; otherwise (or once something failed in this step) it writes each span's
+        input itself. Either way each span goes through `_span_step`.
+        """
         if not self.streams:
             raise RuntimeError("session is not open (or was closed)")
-        new_tokens = hidden.shape[1]
-        if self.position + new_tokens > self.max_length:
-            raise ValueError(f"step would reach {self.position + new_tokens} tokens, over max_length {self.max_length}")
-        if attention_mask is not None and attention_mask.shape != (hidden.shape[0], self.position + new_tokens):
-            raise ValueError(f"attention_mask must be [batch, {self.position + new_tokens}]")
+        n = hidden.shape[1]
+        if self.position + n > self.max_length:
+            raise ValueError(f"step would reach {self.position + n} tokens, over max_length {self.max_length}")
+        if attention_mask is not None and attention_mask.shape != (hidden.shape[0], self.position + n):
+            raise ValueError(f"attention_mask must be [batch, {self.position + n}]")
         self._failures = 0
-        step_id = uuid.uuid4().hex
-        mask_msg = to_proto(attention_mask) if attention_mask is not None else None
-        hypo_msg = to_proto(hypo_ids) if hypo_ids is not None else None
-        args = (step_id, attention_mask, mask_msg, hypo_ids, hypo_msg)
-        first, x = 0, hidden
-        if self.push and len(self.streams) > 1 and all(s.error is None for s in self.streams):
-            first, x = await self._push_chain(x, *args)
-        out = await self._sequential(first, x, *args)
-        self.position += new_tokens
-        return out
-
-    async def _push_chain(
-        self,
-        x: torch.Tensor,
-        step_id: str,
-        mask: torch.Tensor | None,
-        mask_msg: object,
-        hypo_ids: torch.Tensor | None,
-        hypo_msg: object,
-    ) -> tuple[int, torch.Tensor]:
-        """Write once to the first server and collect every server's reply. Returns (index, input) where
-        the sequential path must continue: (len(streams), final output) when the chain completed."""
-        streams, n = self.streams, x.shape[1]
-        position = self.position
-        hops = [s.hop() for s in streams]
-        step = self._step_msg(step_id, x, mask_msg, hypo_msg, hops[1:])
-        try:
-            await streams[0].write(shard_pb2.InferenceRequest(step=step))
-        except SpanError as e:
-            streams[0].error = e
-            return 0, x
-        sent_by_client = {0}
-        for i, stream in enumerate(streams):
+        x = StepInput(uuid.uuid4().hex, hidden, self.position, attention_mask, hypo_ids)  # span i's input
+        push = self.push and len(self.streams) > 1
+        push = push and all(s.error is None and s.position == self.position for s in self.streams)
+        full: torch.Tensor | None = None  # [batch, position + n, hidden]: the last span's output, if replayed
+        i = 0
+        while i < len(self.streams):
+            stream = self.streams[i]
+            if stream.error is not None:
+                await self._replace(i, stream.error)  # raises when out of retries
+                push = False  # the rest of this step goes client -> server -> client
+                continue
+            # A replacement server (its cache behind the session's) gets its span's whole history at once.
+            inp = x if stream.position == self.position else stream.replay(x, full)
+            hops = [s.hop() for s in self.streams[i + 1 :]] if push else []
             try:
-                if i not in sent_by_client:
-                    await self._await_push(i, step_id, x, mask_msg, hypo_msg, hops, sent_by_client)
-                out = stream.decode(await stream.read_step(step_id, self.step_timeout_s), (x.shape[0], n), position + n)
+                out = await self._span_step(i, inp, hops, pushed=push and i > 0)
             except SpanError as e:
                 e.stream.error = e
-                if e.stream is stream:
-                    return i, x
-                continue  # the previous server died after replying; it is replaced at the next step
-            stream.history.append((x, hypo_ids))
-            stream.position = position + n
-            x = out
-        return len(streams), x
+                push = False
+                continue
+            full = out if inp.position < x.position else None
+            x = dataclasses.replace(x, hidden=out[:, -n:])
+            i += 1
+        self.position += n
+        return x.hidden
 
-    async def _await_push(
-        self,
-        i: int,
-        step_id: str,
-        x: torch.Tensor,
-        mask_msg: object,
-        hypo_msg: object,
-        hops: list[shard_pb2.NextHop],
-        sent_by_client: set[int],
-    ) -> None:
-        """Wait until stream i answers, or its predecessor says the push failed (then send it ourselves)."""
+    async def _span_step(self, i: int, inp: StepInput, hops: list[shard_pb2.NextHop], pushed: bool) -> torch.Tensor:
+        """One span's share of a step: deliver `inp` to stream i (unless the previous server pushed it there),
+        read and check the reply, record `inp` in the span's history. Returns the output [batch, tokens, hidden].
+        `hops` (the rest of the chain) makes the server push its output on to the next server."""
+        stream = self.streams[i]
+        if not pushed or not await self._push_arrives(i, inp.step_id):
+            await stream.write(step_request(inp, hops))  # a server ignores a step_id it already got pushed
+        reply = await stream.read_step(inp.step_id, self.step_timeout_s)
+        out = stream.decode(reply, inp)
+        stream.confirm(inp)
+        return out
+
+    async def _push_arrives(self, i: int, step_id: str) -> bool:
+        """Wait until stream i answers (True), or its predecessor reports that the push failed or its stream
+        broke (False: the client sends the step itself)."""
         prev, stream = self.streams[i - 1], self.streams[i]
         reply = stream.watch()
         while not reply.done() and prev.push_failed != step_id and prev.error is None:
@@ -209,73 +197,13 @@ class InferenceSession:
             try:
                 msg = await prev.read(self.step_timeout_s)
             except SpanError as e:
-                prev.error = e  # it replied before dying: replace it at the next step
+                prev.error = e  # it replied before dying: replaced at the next step
                 break
             if msg.WhichOneof("kind") == "push_failed":
                 prev.push_failed = msg.push_failed.step_id
             else:
-                prev.error = SpanError(prev, _unexpected(prev, msg))
-        if not reply.done() and (prev.push_failed == step_id or prev.error is not None):
-            step = self._step_msg(step_id, x, mask_msg, hypo_msg, hops[i + 1 :])
-            await stream.write(shard_pb2.InferenceRequest(step=step))  # the server drops a duplicate step_id
-            sent_by_client.add(i)
-
-    async def _sequential(
-        self,
-        i: int,
-        x: torch.Tensor,
-        step_id: str,
-        mask: torch.Tensor | None,
-        mask_msg: object,
-        hypo_ids: torch.Tensor | None,
-        hypo_msg: object,
-    ) -> torch.Tensor:
-        """Streams i.. one after another (client -> server -> client each), replacing failed ones."""
-        position, n = self.position, x.shape[1]
-        x_full: torch.Tensor | None = None  # [batch, position + n, hidden] after a replayed span
-        while i < len(self.streams):
-            stream = self.streams[i]
-            if stream.error is not None:
-                await self._replace(i, stream.error)
-                continue
-            fresh = stream.position < position  # a replacement: replay its history with this step
-            if fresh:
-                if x_full is None:
-                    x_full = consolidate([*stream.history, (x, hypo_ids)])
-                inp, at, hyp_msg = x_full, 0, None
-            else:
-                inp, at, hyp_msg = x, position, hypo_msg
-            assert inp is not None
-            step = self._step_msg(step_id, inp, mask_msg, hyp_msg, [])
-            step.position = at
-            try:
-                await stream.write(shard_pb2.InferenceRequest(step=step))
-                reply = await stream.read_step(step_id, self.step_timeout_s)
-                out = stream.decode(reply, (inp.shape[0], inp.shape[1]), at + inp.shape[1])
-            except SpanError as e:
-                e.stream.error = e
-                continue
-            if fresh:
-                stream.history = [(inp, None)]
-                x_full, x = out, out[:, -n:]
-            else:
-                stream.history.append((inp, hypo_ids))
-                x_full, x = None, out
-            stream.position = position + n
-            i += 1
-        return x
-
-    def _step_msg(
-        self, step_id: str, x: torch.Tensor, mask_msg: object, hypo_msg: object, hops: list[shard_pb2.NextHop]
-    ) -> shard_pb2.InferenceStepInput:
-        step = shard_pb2.InferenceStepInput(step_id=step_id, position=self.position, hidden=to_proto(x))
-        if mask_msg is not None:
-            step.attention_mask.CopyFrom(mask_msg)  # type: ignore[arg-type]
-        if hypo_msg is not None:
-            step.hypo_ids.CopyFrom(hypo_msg)  # type: ignore[arg-type]
-        if hops:
-            step.next_servers.extend(hops)
-        return step
+                prev.error = SpanError(prev, bad_reply(prev.span, f"sent {msg.WhichOneof('kind')!r} between steps"))
+        return reply.done() or (prev.push_failed != step_id and prev.error is None)
 
     async def _replace(self, i: int, failure: SpanError) -> None:
         """Swap stream i for a fresh chain over exactly its blocks; its history moves to the first new stream
@@ -309,8 +237,8 @@ class InferenceSession:
                 raise result
             else:
                 new.append(result)
-        history = consolidate(old.history)
-        new[0].history = [(history, None)] if history is not None else []
+        history = consolidate(old.history)  # beams folded in: one input from position 0
+        new[0].history = [StepInput("", history, 0)] if history is not None else []
         self.streams[i : i + 1] = new
         self.failovers.append(
             Failover(str(old.span), str(error), [str(s.span) for s in new], self.position, time.perf_counter() - t0)
@@ -329,7 +257,11 @@ class InferenceSession:
         await self.close()
 
 
-def _unexpected(stream: SpanStream, msg: shard_pb2.InferenceResponse) -> PollenError:
-    from client_sdk.span_stream import bad_reply
-
-    return bad_reply(stream.span, f"sent {msg.WhichOneof('kind')!r} between steps")
+def step_request(inp: StepInput, hops: list[shard_pb2.NextHop]) -> shard_pb2.InferenceRequest:
+    step = shard_pb2.InferenceStepInput(step_id=inp.step_id, position=inp.position, hidden=to_proto(inp.hidden))
+    if inp.mask is not None:
+        step.attention_mask.CopyFrom(to_proto(inp.mask))
+    if inp.hypo_ids is not None:
+        step.hypo_ids.CopyFrom(to_proto(inp.hypo_ids))
+    step.next_servers.extend(hops)
+    return shard_pb2.InferenceRequest(step=step)

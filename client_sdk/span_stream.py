@@ -1,15 +1,20 @@
 """SpanStream: the client's end of one InferenceStep stream (one server, one span of one session).
 
-It writes requests and reads replies with bounded waits, turns every way a server can fail (stream
-broken, timeout, protocol violation, corrupt tensor) into a `SpanError` that names the span, and keeps the
-span's input `history` for failover replay. A read may be left pending across steps (`watch`) so that a
-`push_failed` notice or a broken stream is noticed while the client waits on another server.
+It writes requests and reads replies with bounded waits and turns every way a server can fail (stream broken,
+timeout, protocol violation, corrupt tensor) into a `SpanError` that names the span. A read may be left pending
+across steps (`watch`) so that a `push_failed` notice or a broken stream is noticed while the client waits on
+another server.
+
+`StepInput` is the one record of what a span is asked to compute in a step. A stream keeps the inputs its
+server confirmed (`history`) next to the tokens in its cache (`position`): that is all failover needs, since
+replaying a span's history on a replacement (`replay`) rebuilds exactly the lost KV cache.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +29,25 @@ from swarm.tensors import from_proto
 
 log = logging.getLogger(__name__)
 
-History = list[tuple[torch.Tensor, torch.Tensor | None]]  # (input [batch, tokens, hidden], hypo_ids applied first)
+
+@dataclass(frozen=True)
+class StepInput:
+    """One span's input for one step: what is sent, what the reply is checked against, what history keeps."""
+
+    step_id: str
+    hidden: torch.Tensor  # [batch, tokens, hidden]
+    position: int  # tokens already in the span's cache; the new ones go to slots [position, position + tokens)
+    mask: torch.Tensor | None = None  # [batch, position + tokens], 1 = real token, 0 = padding
+    hypo_ids: torch.Tensor | None = None  # int64 [batch]: beam search reorders cache rows before this step
+
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[1]
+
+    @property
+    def end(self) -> int:
+        """Tokens in the span's cache after this step."""
+        return self.position + self.tokens
 
 
 class SpanError(Exception):
@@ -49,7 +72,9 @@ class SpanStream:
     session_id: str
     call: Any = None  # grpc.aio.StreamStreamCall[InferenceRequest, InferenceResponse]
     position: int = 0  # tokens in this server's cache
-    history: History = field(default_factory=list)  # inputs confirmed by this server (or to replay on it)
+    # Inputs that built the cache this span should hold: confirmed by this server, or moved here from a
+    # failed server for replay (then `position` is behind the session's).
+    history: list[StepInput] = field(default_factory=list)
     error: SpanError | None = None  # set when the stream broke outside a step's critical path
     push_failed: str = ""  # step_id of the last push_failed notice from this server
     _pending: asyncio.Task[Any] | None = None
@@ -141,17 +166,35 @@ class SpanStream:
                 raise SpanError(self, bad_reply(self.span, f"answered step {step_id} with {kind!r}"))
             return reply.step
 
-    def decode(self, out: shard_pb2.InferenceStepOutput, shape: tuple[int, int], position: int) -> torch.Tensor:
-        """The step's hidden output, checked; a corrupt reply is this server's failure (retryable)."""
+    def decode(self, out: shard_pb2.InferenceStepOutput, inp: StepInput) -> torch.Tensor:
+        """The output for `inp` ([batch, tokens, hidden]), checked; a corrupt reply is this server's failure."""
         try:
             hidden = from_proto(out.hidden, name=f"hidden from {self.span.address}")
         except PollenError as e:
             raise SpanError(self, bad_reply(self.span, f"sent a corrupt tensor: {e}")) from e
-        if tuple(hidden.shape[:2]) != shape or hidden.dim() != 3:
+        if hidden.dim() != 3 or hidden.shape[:2] != inp.hidden.shape[:2]:
             raise SpanError(self, bad_reply(self.span, f"returned hidden of shape {list(hidden.shape)}"))
-        if out.position != position:
-            raise SpanError(self, bad_reply(self.span, f"reports position {out.position}, expected {position}"))
+        if out.position != inp.end:
+            raise SpanError(self, bad_reply(self.span, f"reports position {out.position}, expected {inp.end}"))
         return hidden
+
+    def confirm(self, inp: StepInput) -> None:
+        """The server computed `inp`: its cache now holds `inp.end` tokens built from history + inp."""
+        if inp.position == 0:
+            self.history = [inp]  # a first step or a replay: everything before it is superseded
+        else:
+            self.history.append(inp)
+        self.position = inp.end
+
+    def replay(self, current: StepInput, full: torch.Tensor | None) -> StepInput:
+        """The one step that rebuilds this (replacement) server's cache and runs `current` too: the span's
+        history plus `current`, from position 0. `full` ([batch, current.end, hidden]) is the previous span's
+        output over all tokens when that span was replayed too (then it is exactly this span's input)."""
+        hidden = full if full is not None else consolidate([*self.history, current])
+        if hidden is None or hidden.shape[1] != current.end:  # a bug in the session's bookkeeping, not input
+            raise RuntimeError(f"replay on {self.span} would rebuild {0 if hidden is None else hidden.shape[1]} "
+                               f"tokens, not {current.end}")  # fmt: skip
+        return StepInput(current.step_id, hidden, 0, current.mask, None)
 
     def cancel(self) -> None:
         if self._pending is not None and not self._pending.done():
@@ -182,15 +225,15 @@ class SpanStream:
             self.cancel()
 
 
-def consolidate(history: History) -> torch.Tensor | None:
+def consolidate(history: Sequence[StepInput]) -> torch.Tensor | None:
     """One tensor that rebuilds the same KV cache as `history` in a single step: [batch, tokens, hidden].
 
     Reordering cache rows (beam search) only permutes whole rows, so row i of the cache equals the
     lineage of row i's inputs; applying each step's hypo_ids to the inputs so far reproduces it exactly.
     """
     acc: torch.Tensor | None = None
-    for hidden, hypo_ids in history:
-        if acc is not None and hypo_ids is not None:
-            acc = acc.index_select(0, hypo_ids)
-        acc = hidden if acc is None else torch.cat([acc, hidden], dim=1)
+    for inp in history:
+        if acc is not None and inp.hypo_ids is not None:
+            acc = acc.index_select(0, inp.hypo_ids)
+        acc = inp.hidden if acc is None else torch.cat([acc, inp.hidden], dim=1)
     return acc
