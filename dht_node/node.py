@@ -12,6 +12,8 @@ import dataclasses
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -59,10 +61,13 @@ def _tcp_port_free(family: int, ip: str, port: int) -> bool:
 class DhtNode:
     """`node = DhtNode(host="127.0.0.1", port=0, initial_peers=[...]); await node.start(); ...; await node.stop()`.
 
-    Takes a DhtNodeConfig, keyword overrides of its fields, or both.
+    Takes a DhtNodeConfig, keyword overrides of its fields, or both. `clock` is the wall clock that record
+    expirations are compared with (absolute unix time); tests pass a controllable one.
     """
 
-    def __init__(self, config: DhtNodeConfig | None = None, **overrides: Any) -> None:
+    def __init__(
+        self, config: DhtNodeConfig | None = None, *, clock: Callable[[], float] = time.time, **overrides: Any
+    ) -> None:
         config = config or DhtNodeConfig()
         self.config = dataclasses.replace(config, **overrides) if overrides else config
         self.identity: Identity | None = None
@@ -73,7 +78,7 @@ class DhtNode:
             self.node = Node(bytes.fromhex(self.identity.peer_id))
         else:
             self.node = Node(os.urandom(20))  # Kademlia id: 160 random bits, like kademlia's Server
-        self.storage = RecordStorage(self.config.limits)
+        self.storage = RecordStorage(self.config.limits, clock)
         self.validator = RecordValidator(strict=self.config.require_signatures)
         self.tasks = TaskSet()
         self.port = 0
@@ -82,6 +87,7 @@ class DhtNode:
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._started = self._stopped = False
+        self.upkeep_rounds = 0  # completed maintenance ticks (republish, bucket refresh): progress in node time
         self._lookups = asyncio.Semaphore(LOOKUP_CONCURRENCY)
 
     # ---- lifecycle ----
@@ -161,7 +167,8 @@ class DhtNode:
     def _make_grpc_server(self) -> grpc.aio.Server:
         # server_options turns SO_REUSEPORT off: two nodes could otherwise share one TCP port.
         server = grpc.aio.server(options=server_options(MAX_MESSAGE_BYTES))
-        dht_pb2_grpc.add_DhtServicer_to_server(DhtServicer(self, self.storage.limits, self.validator), server)
+        servicer = DhtServicer(self, self.storage.limits, self.validator, self.storage.clock)
+        dht_pb2_grpc.add_DhtServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([DHT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         return server
@@ -217,17 +224,22 @@ class DhtNode:
         ok, node_id = await self.protocol.ping(addr, self.protocol.wire_id)
         return Node(node_id, addr[0], addr[1]) if ok and valid_node_id(node_id) else None
 
+    @property
+    def upkeep_period_s(self) -> float:
+        return min(REJOIN_PERIOD_S, self.config.republish_period_s / 2)
+
     async def _run_maintenance_loop(self) -> None:
         # Ticks are short so that each record is republished within a tick of becoming `period` old, not
         # up to two periods later; a tick with nothing due only scans the storage.
         period = self.config.republish_period_s
         while True:
-            await asyncio.sleep(min(REJOIN_PERIOD_S, period / 2))
+            await asyncio.sleep(self.upkeep_period_s)
             if self.config.initial_peers and self.peer_count() == 0:
                 await self._join()
             culled = self.storage.cull()
             await self._refresh_buckets()
             republished = await self.republish(older_than_s=period)
+            self.upkeep_rounds += 1
             # one line when something happened; quiet otherwise
             log.log(
                 logging.INFO if culled or republished else logging.DEBUG,

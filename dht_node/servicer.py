@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import grpc
@@ -50,10 +51,17 @@ class RecordFilter(Protocol):
 
 
 class DhtServicer(dht_pb2_grpc.DhtServicer):
-    def __init__(self, node: DhtOperations, limits: StorageLimits, validator: RecordFilter) -> None:
+    def __init__(
+        self,
+        node: DhtOperations,
+        limits: StorageLimits,
+        validator: RecordFilter,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.node = node
         self.limits = limits
         self.validator = validator  # the checks every other node will run on a store (validation.py)
+        self.clock = clock  # the node's wall clock: expirations are absolute unix times
 
     @map_errors
     async def Store(self, request: dht_pb2.StoreRequest, context: grpc.aio.ServicerContext) -> dht_pb2.StoreResponse:
@@ -108,7 +116,7 @@ class DhtServicer(dht_pb2_grpc.DhtServicer):
             raise InvalidRequest(
                 f"{len(items)} items in one Store; this node takes at most {limits.max_subkeys_per_key}"
             )
-        now = time.time()
+        now = self.clock()
         record: Record = {}
         for item in items:
             name = repr(item.subkey)

@@ -18,17 +18,19 @@ import pytest_asyncio
 import umsgpack
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from kademlia.node import Node
 from kademlia.utils import digest
 
 from dht_node.node import DhtNode
 from swarm.dht_client import DhtClient
 from swarm.errors import InvalidRequest
 from swarm.pb import dht_pb2, dht_pb2_grpc
+from tests.integration.dht_support import HANG_S, ManualClock, UdpPeer, wait_until
 
 T = TypeVar("T")
 N_NODES = 6
 KSIZE = 3  # fewer replicas than nodes: every lookup has to find the holders
-DEADLINE_S = 10.0
+DEADLINE_S = HANG_S  # every await is bounded so that a hang fails; no test depends on speed
 SOON = time.time() + 3600  # a valid expiration for the parametrized bad requests
 
 
@@ -134,15 +136,26 @@ async def test_later_expiration_wins_across_nodes(clients: list[DhtClient]) -> N
         assert (await bounded(client.get(key)))["s"].value == b"newest"
 
 
-async def test_expired_subkeys_vanish(clients: list[DhtClient]) -> None:
-    key = unique("expiry")
-    now = time.time()
-    await bounded(clients[0].store(key, "short", b"s", now + 0.6))
-    await bounded(clients[0].store(key, "long", b"l", now + 60))
-    assert set(await bounded(clients[4].get(key))) == {"short", "long"}
-    await asyncio.sleep(max(0.0, now + 0.65 - time.time()))
-    for client in clients:
-        assert set(await bounded(client.get(key))) == {"long"}
+async def test_expired_subkeys_vanish() -> None:
+    # The nodes' clock is the test's: "short" expires when the clock is moved past it, however slow the machine.
+    clock = ManualClock()
+    nodes = await start_swarm(4, ksize=2, alpha=2, rpc_timeout_s=2.0, clock=clock)
+    clients = [DhtClient([node.address]) for node in nodes]
+    try:
+        key = unique("expiry")
+        now = clock()
+        await bounded(clients[0].store(key, "short", b"s", now + 60))
+        await bounded(clients[0].store(key, "long", b"l", now + 3600))
+        for client in clients:
+            assert set(await bounded(client.get(key))) == {"short", "long"}
+        clock.advance(61)
+        for client in clients:
+            assert set(await bounded(client.get(key))) == {"long"}
+        held = [node for node in nodes if node.storage.get_record(digest(key))]
+        assert held and all(set(node.storage.get_record(digest(key))) == {"long"} for node in held)
+    finally:
+        await bounded(asyncio.gather(*(c.close() for c in clients)))
+        await stop_all(nodes)
 
 
 async def test_batch_get_keeps_request_order(clients: list[DhtClient]) -> None:
@@ -243,19 +256,19 @@ def _garbage(rng: random.Random, node_id: bytes) -> list[bytes]:
 async def test_garbage_datagrams_do_not_break_a_node(swarm: list[DhtNode], clients: list[DhtClient]) -> None:
     victim = swarm[3]
     peers_before = victim.peer_count()
-    port = int(victim.address.rsplit(":", 1)[1])
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.setblocking(False)
-        sender_port = sock.getsockname()[1]
+    peer = await UdpPeer.open()
+    try:
         for i, datagram in enumerate(_garbage(random.Random(0), victim.node.id)):
-            sock.sendto(datagram, ("127.0.0.1", port))
-            if i % 50 == 0:
-                await asyncio.sleep(0.01)  # let the node drain its socket buffer
-        await asyncio.sleep(0.2)
-    # nothing the garbage said made its sender a contact
+            peer.send(datagram, victim.port)
+            if i % 20 == 19:
+                await peer.barrier(victim.port)  # the node has read everything so far: its buffer never overflows
+        await peer.barrier(victim.port)
+    finally:
+        peer.close()
+    # nothing the garbage said made its sender a contact, and none of its stores landed
     assert victim.peer_count() == peers_before
-    assert all(n.port != sender_port for b in victim.protocol.router.buckets for n in b.get_nodes())
+    assert all(n.port != peer.port for b in victim.protocol.router.buckets for n in b.get_nodes())
+    assert not victim.storage.get_record(b"k" * 20)
     key = unique("after-garbage")
     await bounded(clients[3].store(key, "s", b"still here", time.time() + 30))
     for client in clients:
@@ -305,7 +318,7 @@ async def test_speed_test_never_amplifies_and_measures(swarm: list[DhtNode]) -> 
     client = DhtClient([swarm[1].address])
     try:
         mbps = await bounded(client.measure_mbps(payload_bytes=256 * 1024, rounds=2))
-        assert mbps > 100  # loopback
+        assert 0 < mbps < float("inf")  # a measurement, not a speed requirement (the machine may be busy)
     finally:
         await client.close()
 
@@ -337,11 +350,10 @@ async def test_records_survive_churn_through_republish() -> None:
         assert 1 <= len(holders) <= 2
         for node in holders[1:]:
             await bounded(node.stop(grace_s=0))
-        deadline = time.monotonic() + 8
-        while not any(n.storage.get_record(digest(key)) for n in others):
-            assert time.monotonic() < deadline, "no other node received the record by republish"
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(2 * 0.3)  # two more republish periods: let in-flight republish stores land
+        # Republish must reach the node that is now closest to the key (every lookup converges on it).
+        target = Node(digest(key))
+        successor = min(others, key=lambda n: n.node.distance_to(target))
+        await wait_until(lambda: bool(successor.storage.get_record(digest(key))), "republish reached the successor")
         await bounded(holders[0].stop(grace_s=0))
         readers = [DhtClient([node.address]) for node in others]
         clients += readers
@@ -363,10 +375,8 @@ async def test_late_joiner_receives_records_it_is_close_to() -> None:
                        require_signatures=False)  # fmt: skip
         await bounded(late.start())
         nodes.append(late)
-        deadline = time.monotonic() + 3
-        while not len(late.storage):  # with 20 keys and k=2 of 4 nodes it is among the closest of some
-            assert time.monotonic() < deadline, "late joiner got no record handed over"
-            await asyncio.sleep(0.05)
+        # with 20 keys and k=2 of 4 nodes it is among the closest of some
+        await wait_until(lambda: len(late.storage) > 0, "the late joiner got a record handed over")
         async with grpc.aio.insecure_channel(late.address) as channel:
             reply = await bounded(dht_pb2_grpc.DhtStub(channel).BatchGet(dht_pb2.BatchGetRequest(keys=keys), timeout=5))
         assert all(len(r.items) == 1 for r in reply.records)
