@@ -182,7 +182,9 @@ class Setup:
         if mask is not None:
             ours, expected = ours[mask.bool()], expected[mask.bool()]
         diff = (ours - expected).abs().max().item()
-        assert diff <= self.atol, f"{self.family.name}: {what}: max |ours - transformers| = {diff:.2e} > {self.atol}"
+        assert diff <= self.atol, (
+            f"{self.family.config.model_type}: {what}: max |ours - transformers| = {diff:.2e} > {self.atol}"
+        )
 
 
 def _copies(span: Span) -> list[nn.Module]:
@@ -211,7 +213,7 @@ def check_decode(s: Setup) -> None:
     blank.k.zero_(), blank.v.zero_()
     lost = s.ours(ids[:, -1:], [kvs[0], blank], LENGTH - 1)  # the second span's history lost
     diff = (lost - expected[:, -1:]).abs().max().item()
-    assert diff > 100 * s.atol, f"{s.family.name}: a step without its history still matched ({diff:.1e})"
+    assert diff > 100 * s.atol, f"{s.family.config.model_type}: a step without its history still matched ({diff:.1e})"
 
 
 @torch.inference_mode()
@@ -345,7 +347,9 @@ def check_backward(s: Setup, rtol: float = 1e-5) -> None:
         for b, g, e in zip(starts, ours, expected):
             g, e = g[real], e[real]
             err = ((g - e).norm() / e.norm()).item()
-            assert err < rtol, f"{s.family.name}: grad w.r.t. block {b}'s input (mask={mask is not None}): {err:.1e}"
+            assert err < rtol, (
+                f"{s.family.config.model_type}: grad w.r.t. block {b}'s input (mask={mask is not None}): {err:.1e}"
+            )
 
 
 def _reference_layers(model: nn.Module, n: int) -> nn.ModuleList:
@@ -375,9 +379,9 @@ def check_bf16(s: Setup) -> None:
         ours, expected = torch.cat(parts, dim=1), s.reference(ids, m)
         if m is not None:
             ours, expected = ours[m], expected[m]
-        assert torch.isfinite(ours).all(), f"{s.family.name}: bf16 logits are not finite"
+        assert torch.isfinite(ours).all(), f"{s.family.config.model_type}: bf16 logits are not finite"
         err = ((ours - expected).norm() / expected.norm()).item()
-        assert err < BF16_TOLERANCE, f"{s.family.name}: bf16 logits off by {err:.1e} (relative)"
+        assert err < BF16_TOLERANCE, f"{s.family.config.model_type}: bf16 logits off by {err:.1e} (relative)"
 
 
 CHECKS = {

@@ -61,7 +61,7 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
     def update(self, layer: int, input_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write `[batch, kv_heads, t, head_dim]` at slots [input_pos, input_pos + t); return slots [0, input_pos + t)."""
+        """Write `[batch, kv_heads, t, head_dim]` at slots [input_pos, input_pos + t); return slots [0, end)."""
         end = input_pos + k.shape[2]
         if end > self.max_length:
             raise CacheOverflow(f"KV cache holds {self.max_length} tokens; cannot write up to {end}")

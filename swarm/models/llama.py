@@ -216,7 +216,7 @@ class LlamaHead(ClientHead):
 class LlamaFamily(ModelFamily):
     name = "llama"
     model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2")
-    config_class = LlamaConfig
+    config_class: ClassVar[type[ModelConfig]] = LlamaConfig
     config: LlamaConfig
 
     def __init__(self, config: ModelConfig) -> None:
