@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shard_server.block_selection import choose_blocks, should_move, swarm_load
+from shard_server.block_selection import choose_blocks, live_spans, should_move, swarm_load
 from swarm.blocks import BlockRange
 from swarm.records import ServerRecord, ServerState
 
@@ -35,10 +35,14 @@ def test_weakest_blocks_when_all_are_served() -> None:
 
 
 def test_offline_and_draining_servers_do_not_count_and_newest_record_wins() -> None:
-    swarm = [rec("a", 0, 4, state=ServerState.OFFLINE), rec("b", 4, 8, state=ServerState.DRAINING)]
-    load = swarm_load([r for r in swarm if r.state == ServerState.ONLINE], 8)
-    assert load.unserved == 8
-    assert choose_blocks(swarm + [rec("c", 0, 6)], 2, 8) == BlockRange(6, 8)
+    offline, draining = rec("a", 0, 2, state=ServerState.OFFLINE), rec("b", 4, 6, state=ServerState.DRAINING)
+    joining = rec("j", 6, 7, state=ServerState.JOINING)  # about to serve: counts, so nobody else rushes there
+    assert live_spans([offline, draining, joining], 8) == [joining]
+    assert swarm_load(live_spans([offline, draining], 8), 8).unserved == 8
+    # Expectations derived by hand. Counting the offline server would make 0:2 served and 2:4 the choice.
+    assert choose_blocks([offline, rec("c", 2, 8, tps=50)], 2, 8) == BlockRange(0, 2)
+    # Counting the draining one would make 4:6 served and 0:2 (50 tokens/s, lowest start) the choice.
+    assert choose_blocks([draining, rec("c", 0, 4, tps=50), rec("d", 6, 8)], 2, 8) == BlockRange(4, 6)
     old = rec("c", 0, 2).model_copy(update={"updated_at": 1.0})
     assert choose_blocks([old, rec("c", 6, 8)], 2, 8) == BlockRange(0, 2)  # c's newer record says 6:8
 
