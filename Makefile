@@ -37,6 +37,7 @@ typecheck: $(STAMP)
 
 import-check: $(STAMP)
 	$(PY) scripts/check_imports.py
+	$(PY) scripts/check_cycles.py
 
 test: lint typecheck import-check proto-check
 	$(PY) -m pytest -q -p no:cacheprovider tests
