@@ -29,6 +29,7 @@ def test_keeps_live_records_and_skips_the_rest() -> None:
             entry("other", 0, 2, model_hash="zzz"),
             entry("elsewhere", 5, 6),  # announced under a block it does not hold
             ("junk", SubkeyEntry(b"{not json", NOW + 60)),
+            ("f" * 40, entry("impostor", 0, 2)[1]),  # poses as a peer id without a signature
         ]
     )
     out = decode_block_records([block0, dict([entry("good", 0, 2, model_hash="h")])], "m", "h", NOW)
@@ -37,6 +38,7 @@ def test_keeps_live_records_and_skips_the_rest() -> None:
     assert out.skipped["expired"] == 1 and out.skipped["garbage"] == 1
     assert out.skipped["state offline"] == 1 and out.skipped["state draining"] == 1
     assert out.skipped["model_hash mismatch"] == 1 and out.foreign_hashes == {"zzz"}
+    assert out.skipped["wrong block"] == 1 and out.skipped["bad signature"] == 1
 
 
 class FakeDht:
