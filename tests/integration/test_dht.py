@@ -383,3 +383,34 @@ async def test_late_joiner_receives_records_it_is_close_to() -> None:
     finally:
         await client.close()
         await stop_all(nodes)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_ipv6_addresses_work_end_to_end() -> None:
+    """Bracketed "[::1]:PORT" addresses: joining, the gRPC front door and the client all parse them alike."""
+    first = DhtNode(host="::1", port=0, require_signatures=False)
+    await bounded(first.start())
+    nodes = [first]
+    client = None
+    try:
+        second = DhtNode(host="::1", port=0, initial_peers=[first.address], require_signatures=False)
+        nodes.append(second)
+        await bounded(second.start())
+        assert first.address == f"[::1]:{first.port}" and second.peer_count() == 1
+        client = DhtClient([second.address, first.address])
+        key = unique("v6")
+        assert await bounded(client.store(key, "s", b"six", time.time() + 60))
+        assert (await bounded(first.get(key)))["s"].value == b"six"
+    finally:
+        if client is not None:
+            await client.close()
+        await stop_all(nodes)
