@@ -146,7 +146,9 @@ class BloomSpan(Span):
 
     def prologue(self, x: torch.Tensor, segments: Sequence[Segment]) -> list[torch.Tensor]:
         """Per segment, the ALiBi bias with the causal/padding mask folded in: [batch, heads, 1 | tokens, L]."""
-        slopes = self.slopes.to(x.device)[:, None]  # [heads, 1]
+        if self.slopes.device != x.device:  # moved once, on the first hop on another device
+            self.slopes = self.slopes.to(x.device)
+        slopes = self.slopes[:, None]  # [heads, 1]
         masks = []
         for seg in segments:
             positions = seg.key_positions(x.device)[:, None, :]  # [batch, 1, L]: real tokens counted

@@ -224,15 +224,17 @@ class FalconSpan(Span):
 
     def prologue(self, x: torch.Tensor, segments: Sequence[Segment]) -> FalconContext:
         device = x.device
+        if self.slopes.device != device:  # moved once, on the first hop on another device
+            self.slopes, self.inv_freq = self.slopes.to(device), self.inv_freq.to(device)
         if self.alibi:
-            slopes = self.slopes.to(device)[:, None]  # bf16 [heads, 1]
+            slopes = self.slopes[:, None]  # bf16 [heads, 1]
             masks: list[torch.Tensor | None] = []
             for seg in segments:
                 bias = slopes * seg.key_positions(device)[:, None, :]  # bf16 [batch, heads, L]
                 masks.append(alibi_mask(bias.to(x.dtype) / math.sqrt(self.head_dim), seg))
             return FalconContext(masks)
         positions = torch.cat([seg.positions(device).reshape(-1) for seg in segments])  # [N]
-        freqs = positions[:, None].float() * self.inv_freq.to(device)  # [N, head_dim / 2]
+        freqs = positions[:, None].float() * self.inv_freq  # [N, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [N, 1, head_dim]: broadcast over heads
         masks = [seg.allowed(device) for seg in segments]  # bool [batch, 1, tokens, L] or None
         return FalconContext(masks, emb.cos().to(x.dtype), emb.sin().to(x.dtype))
