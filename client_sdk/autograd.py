@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from client_sdk.client import SwarmClient
+    from client_sdk.blocking import SwarmClient
     from client_sdk.remote import SpanInputs
 
 

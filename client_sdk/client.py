@@ -1,44 +1,40 @@
-"""SwarmClient: generate text with a model whose blocks run on a swarm of shard servers.
+"""AsyncSwarmClient: generate with a model whose blocks run on a swarm of shard servers.
 
-`AsyncSwarmClient` does the work on an asyncio loop: local embeddings -> one InferenceSession across the
-cheapest chain of servers (which survives servers dying: see session.py) -> local norm + LM head ->
-sampling. With push, one stream write per token and one read per server.
-`SwarmClient` is the blocking facade for plain scripts: it owns a private event-loop thread (the only
-thread the client ever starts) and runs every call there.
+The path of one token: `_generate_ids` embeds it locally -> `InferenceSession.step` (session.py) runs it
+through the cheapest chain of servers, one `_span_step` per server (surviving servers that die) ->
+`SpanStream` (span_stream.py) writes and reads that server's stream -> back here, the local norm + LM head
+and `sample` (sampling.py) pick the next token. With push, one stream write per token and one read per server.
+`SwarmClient` (blocking.py) is the blocking facade for plain scripts.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
 import os
-import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from types import EllipsisType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from client_sdk.config import ClientConfig
-from client_sdk.directory import SwarmView
 from client_sdk.head import LocalModel, load_local_model
+from client_sdk.prompts import EosArg, Kind, Prompt, decode_answer, encode_prompt, eos_ids
 from client_sdk.remote import RemoteCalls
 from client_sdk.routing import RouteCosts, Span, missing_ranges
 from client_sdk.sampling import SamplingParams, make_generator, sample
 from client_sdk.session import Failover, InferenceSession, SessionRouter
 from client_sdk.transport import ChannelPool
 from swarm.aio import TaskSet
-from swarm.dht_client import DhtClient, parse_peers
 from swarm.errors import InvalidRequest
-from swarm.records import ServerRecord
+
+if TYPE_CHECKING:
+    from client_sdk.directory import SwarmView
+    from swarm.records import ServerRecord
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-Prompt = str | list[int] | torch.Tensor
-EosArg = int | Sequence[int] | None | EllipsisType
 
 
 @dataclass(frozen=True)
@@ -74,6 +70,11 @@ class AsyncSwarmClient:
         config: ClientConfig | None = None,
         **options: Any,
     ) -> None:
+        # The DHT side (signed records, pydantic) loads here rather than at import, so that importing the client
+        # costs little more than importing torch.
+        from client_sdk.directory import SwarmView
+        from swarm.dht_client import DhtClient, parse_peers
+
         self.config = dataclasses.replace(config or ClientConfig(), **options)
         peers = parse_peers(initial_peers)
         self.local: LocalModel = load_local_model(model, model_id, dtype)
@@ -81,7 +82,7 @@ class AsyncSwarmClient:
         self.dht = DhtClient(peers, timeout_s=self.config.dht_timeout_s)
         self.pool = ChannelPool(self.config.max_message_bytes)
         cfg = self.config
-        self.view = SwarmView(
+        self.view: SwarmView = SwarmView(
             self.dht,
             self.local.model_id,
             self.local.num_blocks,
@@ -146,7 +147,7 @@ class AsyncSwarmClient:
         None never stops early; EOS cannot be drawn before `min_new_tokens`. Rows that finished early
         are padded (pad_token_id, else EOS). Sampling follows transformers: temperature, top-k, top-p.
         """
-        ids, kind = self._encode(inputs)
+        ids, kind = encode_prompt(inputs, self.tokenizer, self.local.config.vocab_size)
         tokens: list[torch.Tensor] = []
         params = SamplingParams(do_sample, temperature, top_k, top_p)
         agen = self._generate_ids(ids, max_new_tokens, min_new_tokens, params, seed, eos_token_id)
@@ -154,7 +155,7 @@ class AsyncSwarmClient:
             async for token in agen:
                 tokens.append(token)
         new = torch.stack(tokens, dim=1) if tokens else ids.new_empty((ids.shape[0], 0))  # [batch, new]
-        return self._decode(new, kind)
+        return decode_answer(new, kind, self.tokenizer)
 
     async def stream(
         self,
@@ -169,14 +170,21 @@ class AsyncSwarmClient:
         seed: int | None = None,
         eos_token_id: EosArg = ...,
     ) -> AsyncGenerator[Any, None]:
-        """Like generate, yielding each new token as it arrives: an int for one sequence, else a
-        LongTensor [batch]. Wrap in `contextlib.aclosing` if you may stop early."""
-        ids, _ = self._encode(inputs)
+        """Like generate, yielding as tokens arrive: for a text prompt, text pieces (each one complete
+        characters; together exactly the text `generate` returns); for token ids, each new token (an int for
+        one sequence, else a LongTensor [batch]). Wrap in `contextlib.aclosing` if you may stop early."""
+        ids, kind = encode_prompt(inputs, self.tokenizer, self.local.config.vocab_size)
+        text = self.tokenizer.stream() if kind is Kind.TEXT and self.tokenizer is not None else None
         params = SamplingParams(do_sample, temperature, top_k, top_p)
         agen = self._generate_ids(ids, max_new_tokens, min_new_tokens, params, seed, eos_token_id)
         async with contextlib.aclosing(agen):
             async for token in agen:
-                yield int(token[0]) if token.shape[0] == 1 else token
+                if text is None:
+                    yield int(token[0]) if token.shape[0] == 1 else token
+                elif piece := text.push(int(token[0])):
+                    yield piece
+        if text is not None and (rest := text.finish()):
+            yield rest
 
     async def _generate_ids(
         self,
@@ -190,10 +198,10 @@ class AsyncSwarmClient:
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         generator = make_generator(seed) if params.do_sample else None
-        eos = self._eos_ids(eos_token_id)
+        eos = eos_ids(eos_token_id, self.local.eos_token_ids)
         eos_t = torch.tensor(eos, dtype=torch.long) if eos else None
-        pad_id = getattr(self.local.config, "pad_token_id", None)
-        pad = int(pad_id) if pad_id is not None else (eos[0] if eos else 0)
+        pad_id = self.local.pad_token_id
+        pad = pad_id if pad_id is not None else (eos[0] if eos else 0)
         batch, prompt_len = ids.shape
         finished = torch.zeros(batch, dtype=torch.bool)
         head = self.local.head
@@ -267,46 +275,6 @@ class AsyncSwarmClient:
         await session.open()
         return session
 
-    def _eos_ids(self, eos_token_id: EosArg) -> list[int]:
-        if eos_token_id is ...:
-            return self.local.eos_token_ids
-        if eos_token_id is None:
-            return []
-        return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
-
-    def _encode(self, inputs: Prompt) -> tuple[torch.Tensor, str]:
-        """Prompt -> ([batch, seq] int64 ids, kind to return in)."""
-        if isinstance(inputs, str):
-            if self.tokenizer is None:
-                raise ValueError(f"{self.local.path} has no tokenizer files: pass token ids instead of text")
-            ids = self.tokenizer(inputs, return_tensors="pt").input_ids
-            kind = "text"
-        elif isinstance(inputs, torch.Tensor):
-            if inputs.dim() not in (1, 2) or inputs.dtype not in (torch.int64, torch.int32):
-                raise ValueError(
-                    f"token ids must be a 1-D or 2-D integer tensor, got {inputs.dtype} {list(inputs.shape)}"
-                )
-            ids = inputs.long().cpu().reshape(-1, inputs.shape[-1])
-            kind = f"tensor{inputs.dim()}d"
-        elif isinstance(inputs, list) and all(isinstance(t, int) for t in inputs):
-            ids = torch.tensor([inputs], dtype=torch.long)
-            kind = "list"
-        else:
-            raise TypeError(f"inputs must be str, list[int] or a LongTensor, got {type(inputs).__name__}")
-        vocab = int(self.local.config.vocab_size)
-        if ids.shape[1] == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise ValueError(f"token ids must be in [0, {vocab}), got range [{int(ids.min())}, {int(ids.max())}]")
-        return ids, kind
-
-    def _decode(self, new: torch.Tensor, kind: str) -> Any:  # new: [batch, new_tokens]
-        if kind == "text" and self.tokenizer is not None:
-            return self.tokenizer.decode(new[0], skip_special_tokens=True)
-        if kind == "list":
-            return new[0].tolist()
-        return new[0] if kind == "tensor1d" else new
-
     async def aclose(self) -> None:
         await self._tasks.cancel_all()
         await self.pool.close()
@@ -318,113 +286,3 @@ class AsyncSwarmClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-class SwarmClient:
-    """Blocking facade: the same API as AsyncSwarmClient, run on a private event-loop thread.
-
-    Safe to use from scripts, notebooks and pytest (even inside another running loop). Call `close()` or
-    use `with SwarmClient(...) as client:` to stop the thread and close every channel.
-    """
-
-    def __init__(
-        self,
-        initial_peers: str | Sequence[str],
-        model: str | os.PathLike[str],
-        model_id: str | None = None,
-        **options: Any,
-    ) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="pollen-client-loop", daemon=True)
-        self._thread.start()
-        self._closed = False
-        try:
-            self._client = self._call(self._create(initial_peers, model, model_id, options))
-        except BaseException:
-            self._stop_loop()
-            raise
-
-    @staticmethod
-    async def _create(
-        initial_peers: str | Sequence[str], model: str | os.PathLike[str], model_id: str | None, options: dict[str, Any]
-    ) -> AsyncSwarmClient:
-        # Built on the loop thread so every grpc.aio object binds to the loop that will use it.
-        client = AsyncSwarmClient(initial_peers, model, model_id, **options)
-        try:
-            await client.connect()
-        except BaseException:
-            await client.aclose()
-            raise
-        return client
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine on the client's loop thread and wait for it (used by the torch modules)."""
-        return self._call(coro)
-
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._closed:
-            coro.close()
-            raise RuntimeError("SwarmClient is closed")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()  # e.g. KeyboardInterrupt in the caller: stop the work on the loop too
-            raise
-
-    @property
-    def async_client(self) -> AsyncSwarmClient:
-        return self._client
-
-    @property
-    def tokenizer(self) -> Any | None:
-        return self._client.tokenizer
-
-    def generate(self, inputs: Prompt, max_new_tokens: int = 32, **kwargs: Any) -> Any:
-        """See AsyncSwarmClient.generate."""
-        return self._call(self._client.generate(inputs, max_new_tokens, **kwargs))
-
-    def stream(self, inputs: Prompt, max_new_tokens: int = 32, **kwargs: Any) -> Iterator[Any]:
-        """Blocking iterator over new tokens; see AsyncSwarmClient.stream."""
-        agen = self._client.stream(inputs, max_new_tokens, **kwargs)
-        try:
-            while True:
-                try:
-                    yield self._call(_anext(agen))
-                except StopAsyncIteration:
-                    return
-        finally:
-            if not self._closed:
-                self._call(_aclose(agen))
-
-    def info(self) -> SwarmInfo:
-        return self._call(self._client.info())
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        try:
-            self._call(self._client.aclose())
-        finally:
-            self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self._closed = True
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-    def __enter__(self) -> SwarmClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-# run_coroutine_threadsafe takes coroutines only; an async generator's __anext__/aclose are other awaitables.
-async def _anext(agen: AsyncIterator[T]) -> T:
-    return await agen.__anext__()
-
-
-async def _aclose(agen: AsyncGenerator[Any, None]) -> None:
-    await agen.aclose()

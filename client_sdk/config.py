@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from client_sdk.transport import DEFAULT_MAX_MESSAGE_BYTES
+from swarm.net import DEFAULT_MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)

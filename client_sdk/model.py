@@ -2,10 +2,11 @@
 model whose `generate()` is transformers' own GenerationMixin (greedy, sampling, beam search, logits
 processors, stopping criteria, streamers), while the transformer blocks run on the swarm.
 
-Embeddings, final norm and LM head run locally (the SwarmClient's `LocalModel`). During `generate` the KV
-cache lives on the servers: `RemoteCache` stands in for it, tells transformers how many tokens the servers
-hold, and turns beam-search reorders into `hypo_ids` for the next step. `model(input_ids)` without a cache
-runs `Forward` (and `Backward` through autograd) via `RemoteSequential`.
+This is the only module of client_sdk that imports `transformers`, and it is imported on first use of these
+classes (see __init__.py). Embeddings, final norm and LM head run locally (the SwarmClient's `LocalModel`).
+During `generate` the KV cache lives on the servers: `RemoteCache` stands in for it, tells transformers how
+many tokens the servers hold, and turns beam-search reorders into `hypo_ids` for the next step.
+`model(input_ids)` without a cache runs `Forward` (and `Backward` through autograd) via `RemoteSequential`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from transformers import Cache, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, Cache, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client_sdk.autograd import RemoteSequential
-from client_sdk.client import SwarmClient
+from client_sdk.blocking import SwarmClient
 from client_sdk.session import InferenceSession
 
 
@@ -197,7 +198,7 @@ class AutoDistributedModelForCausalLM:
     ) -> DistributedModelForCausalLM:
         client = SwarmClient(initial_peers, path_or_name, model_id, **client_options)
         try:
-            config = client.async_client.local.config
+            config = AutoConfig.from_pretrained(client.async_client.local.path)
             model = DistributedModelForCausalLM(config, client)
         except BaseException:
             client.close()

@@ -20,9 +20,12 @@ import heapq
 import random
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from swarm.errors import MissingBlocks
-from swarm.records import ServerRecord
+
+if TYPE_CHECKING:  # only annotations here; the records module (pydantic) loads when the client connects
+    from swarm.records import ServerRecord
 
 # A record may announce 0 tokens/s (not measured yet); treat it as very slow rather than divide by zero.
 MIN_THROUGHPUT_TPS = 1e-3

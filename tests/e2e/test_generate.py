@@ -153,8 +153,11 @@ def test_text_in_text_out(swarm: Swarm, tmp_path: Path) -> None:
         prompt = "w17 w42 w99 w5"
         text = client.generate(prompt, max_new_tokens=6, eos_token_id=None)
         ids = client.generate(fast(prompt).input_ids, max_new_tokens=6, eos_token_id=None)
+        pieces = list(client.stream(prompt, max_new_tokens=6, eos_token_id=None))  # text in: text pieces out
+        assert list(client.stream(fast(prompt).input_ids, max_new_tokens=6, eos_token_id=None)) == ids
     assert isinstance(text, str)
     assert text == fast.decode(ids, skip_special_tokens=True)
+    assert all(isinstance(p, str) and p for p in pieces) and "".join(pieces) == text
 
 
 def test_info_shows_both_servers(client: SwarmClient, swarm: Swarm) -> None:
