@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as RustTokenizer
@@ -119,6 +119,25 @@ class Tokenizer:
         if self.clean_up_tokenization_spaces and type(self.backend.model).__name__ != "BPE":
             text = _clean_up_tokenization(text)
         return text
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = False,
+        tokenize: Literal[True] = True,
+        **variables: Any,
+    ) -> list[int]: ...
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = False,
+        *,
+        tokenize: Literal[False],
+        **variables: Any,
+    ) -> str: ...
 
     def apply_chat_template(
         self,

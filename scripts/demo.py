@@ -48,24 +48,26 @@ def start_swarm(swarm: SwarmProcesses, model: str, split: int, num_blocks: int) 
 
 
 def chat(dht_address: str, model: str, prompt: str, max_new_tokens: int) -> None:
-    from transformers import AutoTokenizer
-
     from client_sdk import SwarmClient
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    messages = [{"role": "user", "content": prompt}]
-    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if not isinstance(prompt_ids, list):  # newer tokenizers return a BatchEncoding
-        prompt_ids = list(prompt_ids["input_ids"])
     with SwarmClient(initial_peers=[dht_address], model=model) as client:
+        tokenizer = client.tokenizer
+        if tokenizer is None:
+            raise SystemExit(f"{model} has no tokenizer.json")
+        messages = [{"role": "user", "content": prompt}]
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         client.generate(prompt_ids, max_new_tokens=4)  # warm-up: opens channels, first allocations
+        sys.stdout.write(f"\nUser: {prompt}\nAssistant: ")
+        text = tokenizer.stream()  # token ids -> text pieces, printed as they arrive
+        n = 0
         t0 = time.perf_counter()
-        new_ids = client.generate(prompt_ids, max_new_tokens=max_new_tokens)  # only the new tokens
+        for token in client.stream(prompt_ids, max_new_tokens=max_new_tokens):
+            n += 1
+            sys.stdout.write(text.push(token))
+            sys.stdout.flush()
         elapsed = time.perf_counter() - t0
-    answer = tokenizer.decode(new_ids, skip_special_tokens=True)
-    sys.stdout.write(f"\nUser: {prompt}\nAssistant: {answer.strip()}\n\n")
-    sys.stdout.write(f"{len(new_ids)} tokens in {elapsed:.2f} s = {len(new_ids) / elapsed:.1f} tokens/s "
-                     "through 2 servers\n")  # fmt: skip
+        sys.stdout.write(text.finish() + "\n\n")
+    sys.stdout.write(f"{n} tokens in {elapsed:.2f} s = {n / elapsed:.1f} tokens/s through 2 servers\n")
 
 
 def main() -> None:
@@ -74,11 +76,12 @@ def main() -> None:
     # SIGTERM (e.g. from a CI timeout) must also run the cleanup below, like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import torch
-    from transformers import AutoConfig
+
+    from swarm.models import load_family
 
     torch.set_num_threads(1)
 
-    num_blocks = AutoConfig.from_pretrained(args.model).num_hidden_layers
+    num_blocks = load_family(Path(args.model)).num_blocks
     with SwarmProcesses() as swarm:
         try:
             dht_address = start_swarm(swarm, args.model, args.split, num_blocks)
