@@ -109,7 +109,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return self.client.async_client.local.dtype
 
     def get_input_embeddings(self) -> torch.nn.Module:
-        return self.head.get_submodule("embed_tokens")
+        # the family's head names it (embed_tokens, word_embeddings, ...); it holds exactly one embedding
+        return next(m for m in self.head.modules() if isinstance(m, torch.nn.Embedding))
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int) -> Iterator[RemoteSession]:

@@ -1,10 +1,11 @@
 """InferenceSession: a KV-cached session across a chain of spans that survives servers going away.
 
-`step(hidden)` sends hidden states through the spans and returns the last span's output. Every span keeps
-the inputs its server confirmed (`SpanStream.history`). When a server fails (broken stream, error reply,
-timeout, corrupt tensor), the session bans it, asks the router for a replacement chain for exactly the
-lost blocks, replays that span's history there in one message (the current step's input appended) to
-rebuild the KV cache, and carries on, so the outputs are the same as without the failure.
+`step(hidden)` sends hidden states through the spans and returns the last span's output; each span's share is
+one `_span_step`, in both modes below. Every span keeps the inputs its server confirmed (`SpanStream.history`,
+records of `StepInput`). When a server fails (broken stream, error reply, timeout, corrupt tensor), the session
+bans it, asks the router for a replacement chain for exactly the lost blocks, replays that span's history there
+in one message (the current step's input appended) to rebuild the KV cache, and carries on, so the outputs are
+the same as without the failure.
 
 With `push`, the client writes each step to the first server only, and every server forwards its output
 to the next one itself (client -> A -> B -> client); servers still return their outputs to the client, for
@@ -87,7 +88,6 @@ class InferenceSession:
         self.position = 0  # tokens processed by every span
         self.failovers: list[Failover] = []
         self._failures = 0  # in the current step (or open)
-        self._closed = False
 
     @property
     def spans(self) -> list[Span]:
@@ -206,8 +206,8 @@ class InferenceSession:
         return reply.done() or (prev.push_failed != step_id and prev.error is None)
 
     async def _replace(self, i: int, failure: SpanError) -> None:
-        """Swap stream i for a fresh chain over exactly its blocks; its history moves to the first new stream
-        (the next step replays it). Raises the error if it is not retryable or retries are used up."""
+        """Swap stream i for a fresh chain over exactly its blocks; its history moves to the first new stream,
+        which replays it when the step reaches it. Raises the error if it is not retryable or retries are used up."""
         t0 = time.perf_counter()
         old = self.streams[i]
         error = failure.error
@@ -258,6 +258,7 @@ class InferenceSession:
 
 
 def step_request(inp: StepInput, hops: list[shard_pb2.NextHop]) -> shard_pb2.InferenceRequest:
+    """The wire form of a span's step input; `hops` asks the server to push its output along the chain."""
     step = shard_pb2.InferenceStepInput(step_id=inp.step_id, position=inp.position, hidden=to_proto(inp.hidden))
     if inp.mask is not None:
         step.attention_mask.CopyFrom(to_proto(inp.mask))
