@@ -118,6 +118,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # the same arithmetic, one kernel
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -175,7 +177,7 @@ class LlamaContext:
     """What every layer of a hop shares."""
 
     cos: torch.Tensor  # [N, 1, head_dim] in the compute dtype
-    sin: torch.Tensor
+    sin: torch.Tensor  # signed (see rope.rotate)
     masks: list[list[torch.Tensor | None]]  # per local layer, per segment: bool [batch, 1, t, L] or None
 
 
@@ -186,10 +188,11 @@ class LlamaSpan(Span):
         super().__init__(family, layers, blocks)
         cfg = family.config
         self.windows = [cfg.window(b) for b in range(blocks.start, blocks.end)]  # per local layer
+        self.distinct_windows = sorted(set(self.windows), key=lambda w: -1 if w is None else w)
 
     def prologue(self, x: torch.Tensor, segments: Sequence[Segment]) -> LlamaContext:
         cos, sin = self.family.rotary.rows(segments, x.device, x.dtype)  # [N, head_dim]
-        by_window = {w: [seg.allowed(x.device, w) for seg in segments] for w in set(self.windows)}
+        by_window = {w: [seg.allowed(x.device, w) for seg in segments] for w in self.distinct_windows}
         return LlamaContext(cos.unsqueeze(1), sin.unsqueeze(1), [by_window[w] for w in self.windows])
 
 

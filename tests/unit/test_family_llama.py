@@ -73,7 +73,8 @@ def test_rotary_tables_equal_transformers(variant: str) -> None:
         reference = LlamaRotaryEmbedding(LlamaConfig(**raw))
         cos, sin = reference(torch.zeros(1), torch.arange(length)[None])
         torch.testing.assert_close(ours[0], cos[0], atol=1e-6, rtol=0)
-        torch.testing.assert_close(ours[1], sin[0], atol=1e-6, rtol=0)
+        half = sin.shape[-1] // 2  # our sin table carries the sign of rotate_half in its first half
+        torch.testing.assert_close(ours[1], torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1), atol=1e-6, rtol=0)
 
 
 def test_config_reading_matches_transformers() -> None:
