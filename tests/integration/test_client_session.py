@@ -25,7 +25,7 @@ from client_sdk.routing import Span
 from client_sdk.session import InferenceSession, SessionRouter
 from client_sdk.transport import ChannelPool
 from swarm.errors import ServerDraining
-from swarm.net import server_options
+from swarm.net import ChannelCache, server_options
 from swarm.pb import shard_pb2, shard_pb2_grpc
 from swarm.records import ServerRecord
 from swarm.tensors import from_proto, to_proto
@@ -67,7 +67,7 @@ class ToyShard(shard_pb2_grpc.ShardServicer):
         self.client_steps = 0  # steps that came on the client's stream (not pushed)
         self.dead = False
         self.address = ""
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.channels = ChannelCache()
 
     async def InferenceStep(self, request_iterator: AsyncIterator[shard_pb2.InferenceRequest], context):  # type: ignore[no-untyped-def]
         if self.dead:
@@ -131,11 +131,9 @@ class ToyShard(shard_pb2_grpc.ShardServicer):
         nxt.next_servers.extend(step.next_servers[1:])
         if step.HasField("hypo_ids"):  # the next span reorders its cache rows too
             nxt.hypo_ids.CopyFrom(step.hypo_ids)
-        channel = self._channels.get(hop.address)
-        if channel is None:
-            channel = self._channels[hop.address] = grpc.aio.insecure_channel(hop.address)
+        stub = shard_pb2_grpc.ShardStub(self.channels.get(hop.address))
         try:
-            await shard_pb2_grpc.ShardStub(channel).Push(shard_pb2.PushRequest(session_id=hop.session_id, step=nxt))
+            await stub.Push(shard_pb2.PushRequest(session_id=hop.session_id, step=nxt))
         except grpc.aio.AioRpcError:
             return False
         return True
@@ -190,6 +188,7 @@ async def toy() -> AsyncIterator[tuple[Swarm, ChannelPool]]:
     finally:
         await pool.close()
         await asyncio.gather(*(s.stop(None) for s in swarm.grpc_servers))
+        await asyncio.gather(*(s.channels.close() for s in swarm.servers.values()))
 
 
 def inputs(batch: int = 2, steps: int = 6, seed: int = 0) -> Iterator[torch.Tensor]:
