@@ -15,7 +15,7 @@ __all__ = ["ShardServer", "ShardServerConfig"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: `shard-server --help` must not pay for importing torch and transformers.
+    # Lazy: `shard-server --help` must not pay for importing torch.
     if name == "ShardServer":
         from shard_server.server import ShardServer
 

@@ -98,7 +98,7 @@ class Announcer:
         expiration = max(self.last_expiration + 1.0, time.time() + 1.0)
         return await self.announce(ServerState.OFFLINE, expiration)
 
-    async def _run_announce_loop(self, state: Callable[[], ServerState]) -> None:
+    async def run(self, state: Callable[[], ServerState]) -> None:
         """Refresh the record every period; a failed refresh is retried at the next tick (ttl > 2 periods)."""
         while True:
             await asyncio.sleep(self.period_s)

@@ -1,11 +1,11 @@
 """SessionCache: the server's KV-cache memory manager. One byte budget for all sessions on the server.
 
 A session reserves the KV bytes of `max_length × batch_size` tokens over its blocks when it opens, and its
-preallocated buffers (kv_cache.py) can never use more, so the sum of reservations bounds real memory: clients
-cannot make the server run out of memory, however many sessions they open. When the budget (or the session
-limit) is full, `open` waits in FIFO order up to the alloc timeout, then fails with RESOURCE_EXHAUSTED saying
-how much was asked and how much is free. Only the event loop touches this object; the KV tensors themselves
-are created and written on the worker thread.
+preallocated KV cache (`swarm.models.KVCache`, allocated at its first step) can never use more, so the sum of
+reservations bounds real memory: clients cannot make the server run out of memory, however many sessions they
+open. When the budget (or the session limit) is full, `open` waits in FIFO order up to the alloc timeout, then
+fails with RESOURCE_EXHAUSTED saying how much was asked and how much is free. Only the event loop touches this
+object; the KV tensors themselves are created and written on the worker thread.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from shard_server.kv_cache import cache_nbytes
+from shard_server.backend import KvHandle
 from swarm.blocks import BlockRange
 from swarm.errors import CacheExhausted, ServerDraining
 
@@ -44,12 +44,11 @@ class Session:
     batch_size: int
     reserved_tokens: int  # max_length × batch_size
     reserved_bytes: int  # what the preallocated KV buffers of this session may occupy
+    kv: KvHandle = field(repr=False)  # its tensors are created on the worker at the first step
     length: int = 0  # tokens in the KV cache; the next step's position must be <= this
-    cache: Any = field(default=None, repr=False)  # created on the worker at the first step
     last_active: float = field(default_factory=time.monotonic)
     task: asyncio.Task[Any] | None = field(default=None, repr=False)  # the stream's handler, to end it
     closed_reason: str = ""  # set when the server ends the session (idle, moving blocks)
-    inflight: asyncio.Future[Any] | None = field(default=None, repr=False)  # a step handed to the worker
 
     def close(self, reason: str) -> None:
         """End the session's stream from outside it: the client gets NOT_FOUND with `reason`."""
@@ -126,7 +125,7 @@ class SessionCache:
 
     def allocated_bytes(self) -> int:
         """Bytes of KV buffers that really exist now (<= used_bytes; buffers appear at a session's first step)."""
-        return sum(cache_nbytes(s.cache) for s in self._sessions.values() if s.cache is not None)
+        return sum(s.kv.nbytes for s in self._sessions.values())
 
     # ---- admission --------------------------------------------------------------------------------------
 
@@ -170,7 +169,8 @@ class SessionCache:
             except asyncio.CancelledError:
                 self._abandon(waiter)
                 raise
-        session = Session(next(self._handles), session_id, blocks, max_length, batch_size, tokens, need)
+        kv = KvHandle(blocks, batch_size, max_length)
+        session = Session(next(self._handles), session_id, blocks, max_length, batch_size, tokens, need, kv)
         self._sessions[session.handle] = session
         log.info(
             "session %s opened: blocks %s, max_length %d, batch %d, %d cache tokens left",
@@ -184,7 +184,7 @@ class SessionCache:
             return
         self._used_bytes -= session.reserved_bytes
         self._admitted -= 1
-        session.cache = None
+        session.kv.cache = None  # the worker is done with it (the caller waited for its last step to settle)
         log.info("session %s closed after %d tokens; %d cache tokens left", session.session_id, session.length,
                  self.tokens_left)  # fmt: skip
         self._grant_waiters()

@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))  # exits 2 with usage
     setup_logging(config.log_level)
-    # Heavy imports only once the flags are usable; a missing model is reported before transformers loads.
+    # Heavy imports only once the flags are usable.
     from swarm.model_files import ModelNotFound, resolve_model_path
 
     try:
@@ -191,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"shard-server: error: {e}\n")
         return 2
     from shard_server.loader import LoadError
-    from shard_server.server import ConfigError, ShardServer
+    from shard_server.server import ShardServer
+    from shard_server.startup import ConfigError
 
     try:
         asyncio.run(ShardServer(config).run())

@@ -6,25 +6,17 @@ is cast to the server's dtype and device, before the next block is read.
 from __future__ import annotations
 
 import logging
-import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
-from transformers import AutoConfig, PretrainedConfig
 
-from shard_server.quant import (
-    DEFAULT_INT8_THRESHOLD,
-    QuantUnavailable,
-    check_block_config,
-    check_quant_support,
-    quantize_block,
-)
+from shard_server.quant import DEFAULT_INT8_THRESHOLD, QuantUnavailable, check_quant_support, quantize_block
 from swarm.blocks import BlockRange
 from swarm.model_files import Checkpoint, resolve_model_path
-from swarm.models import BlockSpan, ModelFamily, family_for
+from swarm.models import ConfigError, ModelConfig, ModelFamily, Span, load_family
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +30,11 @@ class ModelInfo:
     """What is known about the model before any weight is read."""
 
     path: Path
-    config: PretrainedConfig
     family: ModelFamily
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.family.config
 
 
 def inspect_model(model: str, blocks: BlockRange) -> ModelInfo:
@@ -48,14 +43,13 @@ def inspect_model(model: str, blocks: BlockRange) -> ModelInfo:
     Raises ModelNotFound (no such folder/cache entry) or LoadError (unsupported family, range too large).
     """
     path = resolve_model_path(model)
-    config = AutoConfig.from_pretrained(path)
     try:
-        family = family_for(config)
-    except ValueError as e:
+        family = load_family(path)  # our own typed config: no transformers in the server process
+    except ConfigError as e:
         raise LoadError(str(e)) from None
     if blocks.end > family.num_blocks:
         raise LoadError(f"blocks {blocks} are out of range: the model at {path} has {family.num_blocks} blocks")
-    return ModelInfo(path, config, family)
+    return ModelInfo(path, family)
 
 
 def load_span(
@@ -64,10 +58,9 @@ def load_span(
     device: torch.device,
     dtype: torch.dtype,
     checkpoint: Checkpoint | None = None,
-    progress: bool = True,
     quant: str = "none",
     int8_threshold: float = DEFAULT_INT8_THRESHOLD,
-) -> BlockSpan:
+) -> Span:
     """Blocks [start, end) as a span on `device` in `dtype`, in eval mode with frozen weights.
 
     With `quant` int8/nf4 each block's linear layers are quantized right after the block is read (see
@@ -77,18 +70,16 @@ def load_span(
     if quant != "none":
         try:
             check_quant_support(quant, device, dtype)
-            check_block_config(info.config)
         except QuantUnavailable as e:
             raise LoadError(str(e)) from None
     ckpt = checkpoint if checkpoint is not None else Checkpoint(info.path)
     family = info.family
     layers = []
-    bar = tqdm(range(blocks.start, blocks.end), desc="loading blocks", unit="block", file=sys.stderr,
-               disable=not progress)  # fmt: skip
-    for local, block in enumerate(bar):
+    for block in range(blocks.start, blocks.end):
+        t0 = time.perf_counter()
         # Built on meta and given exactly this block's tensors (converted to the module's layout if needed).
         try:
-            layer = family.load_block(ckpt, block, local)
+            layer = family.load_block(ckpt, block)
         except (KeyError, RuntimeError) as e:
             raise LoadError(f"block {block}: {e}") from None
         # Quantize (from the checkpoint's precision) and cast per block, so peak memory stays ~one
@@ -99,9 +90,11 @@ def load_span(
             _release_checkpoint_pages(layer)
         layer.requires_grad_(False)  # Backward needs grads w.r.t. inputs only
         layers.append(layer.eval())
+        log.debug("block %d loaded in %.2f s", block, time.perf_counter() - t0)
     span = family.make_span(layers, blocks)
-    # Moves the rotary buffers only; they stay float32 (as in transformers) for exact positions.
+    # Moves the span's own buffers (e.g. rotary tables) without changing their dtype: they stay float32.
     span.to(device=device)
+    span.requires_grad_(False)
     return span.eval()
 
 
@@ -116,12 +109,3 @@ def _release_checkpoint_pages(layer: nn.Module) -> None:
         for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if tensor.is_floating_point():
                 tensor.data = tensor.data.clone()
-
-
-def sub_span(info: ModelInfo, full: BlockSpan, blocks: BlockRange) -> BlockSpan:
-    """A span over some of `full`'s already-loaded layers (shared, not copied)."""
-    held = full.blocks
-    layers = list(full.layers[blocks.start - held.start : blocks.end - held.start])  # type: ignore[index]
-    span = info.family.make_span(layers, blocks)
-    device = next(full.parameters()).device
-    return span.to(device=device).eval()

@@ -8,17 +8,14 @@ import functools
 import json
 import logging
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from transformers import PretrainedConfig
 
-from swarm.models import ModelFamily
-
-if TYPE_CHECKING:
-    from shard_server.loader import ModelInfo
+from shard_server.loader import ModelInfo
+from shard_server.quant import QUANT_CHOICES, quantizable_linears, quantized_weight_bytes
+from swarm.model_files import Checkpoint
+from swarm.tensors import dtype_from_name
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +43,7 @@ def free_memory_bytes(device: torch.device) -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import psutil  # not on Linux /proc: fall back to psutil (installed with peft)
+    import psutil  # not on Linux /proc: fall back to psutil
 
     return int(psutil.virtual_memory().available)
 
@@ -64,47 +61,6 @@ def rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _tensor_shapes(model_path: Path) -> dict[str, tuple[str, int]]:
-    """name → (safetensors dtype, numel) for every tensor, read from file headers only."""
-    out: dict[str, tuple[str, int]] = {}
-    for file in sorted(model_path.glob("*.safetensors")):
-        with open(file, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            numel = 1
-            for dim in meta["shape"]:
-                numel *= int(dim)
-            out[name] = (meta["dtype"], numel)
-    return out
-
-
-def block_weight_bytes(model_path: Path, family: ModelFamily, element_bytes: int) -> int:
-    """Largest per-block weight size in the serving dtype (floating tensors cast to it, others kept as stored)."""
-    shapes = _tensor_shapes(model_path)
-    sizes = []
-    for block in range(family.num_blocks):
-        prefix = family.block_prefix(block)
-        short = prefix.removeprefix(family.base_model_prefix) if family.base_model_prefix else prefix
-        total = 0
-        for name, (dtype, numel) in shapes.items():
-            if name.startswith(prefix) or name.startswith(short):
-                floating = dtype.startswith(("F", "BF"))
-                total += numel * (element_bytes if floating else _SAFETENSORS_BYTES.get(dtype, 4))
-        sizes.append(total)
-    return max(sizes) if sizes else 0
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    free_bytes: int  # free when planning (before loading)
-    block_bytes: int  # weights of one block in the serving dtype
-    num_blocks: int  # blocks to serve
-    cache_bytes: int  # KV-cache budget for all sessions
-
-
 def usable_bytes(free_bytes: int) -> int:
     return max(0, int(free_bytes * (1 - HEADROOM_FRACTION)) - HEADROOM_BYTES)
 
@@ -119,13 +75,6 @@ def plan_num_blocks(free_bytes: int, block_bytes: int, kv_token_bytes_per_block:
 def default_cache_bytes(free_after_weights: int) -> int:
     """The KV budget when no flag sets it: a share of what is free once the weights are loaded."""
     return int(usable_bytes(free_after_weights) * DEFAULT_CACHE_FRACTION)
-
-
-def describe(config: PretrainedConfig, plan: MemoryPlan) -> str:
-    return (
-        f"{plan.num_blocks} blocks x {plan.block_bytes / GIB:.2f} GiB weights, "
-        f"{plan.cache_bytes / GIB:.2f} GiB KV cache, {plan.free_bytes / GIB:.1f} GiB free at start"
-    )
 
 
 # ---- bytes per block for a dtype AND a quantization (--quant), from the headers -----------------------------
@@ -151,23 +100,19 @@ def block_bytes(info: ModelInfo, dtype: str | torch.dtype, quant: str = "none", 
     stay in `dtype`, see quant.py); integer tensors keep their stored size. Which weights are linear comes from
     the block's module tree built on the meta device.
     """
-    from shard_server.quant import QUANT_CHOICES, quantizable_linears, quantized_weight_bytes
-    from swarm.model_files import Checkpoint
-    from swarm.tensors import dtype_from_name
-
     torch_dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
     if quant not in QUANT_CHOICES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
     family = info.family
     checkpoint = Checkpoint(info.path)
-    prefix = family._checkpoint_name(checkpoint, family.block_prefix(block), prefix=True)
+    prefix = family.checkpoint_name(checkpoint, family.block_prefix(block), prefix=True)
     keys = checkpoint.keys_with_prefix(prefix)
     if not keys:
         raise KeyError(f"the checkpoint at {info.path} has no tensors under {prefix!r}")
     linear_weights: set[str] = set()  # names (prefix stripped) of the weights quantize_block replaces
     if quant != "none":
         with torch.device("meta"):
-            module = family.build_block(0)
+            module = family.build_block()
         linear_weights = {f"{name}.weight" for name in quantizable_linears(module)}
     total = 0
     for key in keys:

@@ -2,7 +2,8 @@
 and a tiny asyncio HTTP endpoint serving them at /metrics (no extra thread).
 
 Load figures (sessions, cache bytes, queue) are read when scraped, so the hot path pays only for counters and
-one histogram observation per request.
+one histogram observation per request. Imported only with `--metrics-port` (prometheus_client costs start-up
+time and memory a server without an endpoint would never use).
 """
 
 from __future__ import annotations
@@ -10,16 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from shard_server.cache import SessionCache
 from shard_server.memory import rss_bytes
-
-if TYPE_CHECKING:
-    from shard_server.server import ShardServer
+from swarm.blocks import BlockRange
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +43,9 @@ class ServerMetrics:
         self.batch_rows = Histogram(
             "pollen_batch_rows", "Rows per executed inference batch on the worker", buckets=BATCH_BUCKETS, registry=r
         )
+        self.batch_steps = Histogram(
+            "pollen_batch_sessions", "Sessions per executed inference batch", buckets=BATCH_BUCKETS, registry=r
+        )
         self.batch_seconds = Histogram(
             "pollen_batch_seconds", "Worker time per executed inference batch", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -60,8 +61,12 @@ class ServerMetrics:
         self._latency_children[rpc].observe(seconds)
         self._token_children[kind].inc(tokens)
 
-    def batch(self, rows: int, seconds: float) -> None:
-        """Called on the worker thread (prometheus_client metrics are thread-safe)."""
+    def rpc_status(self, rpc: str, code: str) -> None:
+        self.rpcs.labels(rpc, code).inc()
+
+    def batch(self, steps: int, rows: int, seconds: float) -> None:
+        """The scheduler's on_batch hook, called on the worker thread (prometheus_client metrics are thread-safe)."""
+        self.batch_steps.observe(steps)
         self.batch_rows.observe(rows)
         self.batch_seconds.observe(seconds)
 
@@ -69,21 +74,14 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-def process_age_s() -> float:
-    """Seconds since this process started (Linux /proc; 0.0 elsewhere), for the start-to-ready figure."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime_s = float(f.read().split()[0])
-        return max(0.0, uptime_s - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def register_server_gauges(m: ServerMetrics, server: ShardServer) -> None:
-    """Load figures of `server`, read when scraped."""
-    cache, scheduler = server.cache, server.scheduler
+def register_gauges(
+    m: ServerMetrics,
+    cache: SessionCache,
+    queued: Callable[[], int],
+    throughput_tps: Callable[[], float],
+    blocks: Callable[[], BlockRange | None],
+) -> None:
+    """Load figures read when scraped: the session cache's, the worker queue's and the server's."""
     m.gauge("pollen_active_sessions", "Open inference sessions", lambda: cache.active_sessions)
     m.gauge("pollen_sessions_waiting", "Session opens waiting for cache room", lambda: cache.waiting)
     m.gauge("pollen_cache_bytes_budget", "KV-cache budget in bytes", lambda: cache.budget_bytes)
@@ -91,13 +89,11 @@ def register_server_gauges(m: ServerMetrics, server: ShardServer) -> None:
     m.gauge("pollen_cache_bytes_free", "KV-cache bytes free for new sessions", lambda: cache.free_bytes)
     m.gauge("pollen_cache_bytes_allocated", "KV-cache bytes allocated now", cache.allocated_bytes)
     m.gauge("pollen_cache_tokens_left", "Cache tokens left through all held blocks", lambda: cache.tokens_left)
-    m.gauge("pollen_queued_requests", "Requests waiting for the worker", lambda: scheduler.queued)
-    m.gauge("pollen_throughput_tps", "Announced tokens/s", lambda: server.throughput_tps)
+    m.gauge("pollen_queued_requests", "Requests waiting for the worker", queued)
+    m.gauge("pollen_throughput_tps", "Announced tokens/s", throughput_tps)
     m.gauge("pollen_rss_bytes", "Resident memory of the process", rss_bytes)
-    m.gauge("pollen_blocks_start", "First held block", lambda: server.blocks.start if server.blocks else -1)
-    m.gauge(
-        "pollen_blocks_end", "End of the held range (exclusive)", lambda: server.blocks.end if server.blocks else -1
-    )
+    m.gauge("pollen_blocks_start", "First held block", lambda: b.start if (b := blocks()) else -1)
+    m.gauge("pollen_blocks_end", "End of the held range (exclusive)", lambda: b.end if (b := blocks()) else -1)
 
 
 class MetricsEndpoint:

@@ -16,8 +16,9 @@ import grpc
 from swarm.blocks import BlockRange, block_key
 from swarm.dht_client import DhtClient
 from swarm.errors import PollenError
+from swarm.net import ChannelCache
 from swarm.pb import shard_pb2, shard_pb2_grpc
-from swarm.records import ServerRecord, ServerState
+from swarm.records import ServerRecord, ServerState, decode_server_records
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class PeerRtts:
         self.alpha = alpha
         self.timeout_s = timeout_s
         self.rtts_ms: dict[str, float] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = ChannelCache()
 
     def snapshot(self) -> dict[str, float]:
         """Best entries first, at most MAX_PEERS (what goes into the announced record)."""
@@ -50,19 +51,13 @@ class PeerRtts:
     async def next_servers(self) -> list[ServerRecord]:
         """Live servers whose span starts at one of our boundaries (start, end]."""
         firsts = range(self.blocks.start + 1, self.blocks.end + 1)
-        raw = await self.dht.batch_get([block_key(self.model_id, b) for b in firsts])
+        keys = [block_key(self.model_id, b) for b in firsts]
+        raw = await self.dht.batch_get(keys)
         now = time.time()
         found: dict[str, ServerRecord] = {}
-        for block, entries in zip(firsts, raw, strict=True):
-            for entry in entries.values():
-                r = ServerRecord.decode(entry.value)
-                if (
-                    r is not None
-                    and entry.expiration > now
-                    and r.state == ServerState.ONLINE
-                    and r.start == block
-                    and r.peer_id != self.peer_id
-                ):
+        for block, key, entries in zip(firsts, keys, raw, strict=True):
+            for r in decode_server_records(key, entries, now).values():
+                if r.state == ServerState.ONLINE and r.start == block and r.peer_id != self.peer_id:
                     found[r.peer_id] = r
         return list(found.values())
 
@@ -73,23 +68,18 @@ class PeerRtts:
         await asyncio.gather(*(self._probe(r) for r in servers[: MAX_PEERS * 2]))
 
     async def _probe(self, record: ServerRecord) -> None:
-        channel = self._channels.get(record.address)
-        if channel is None:
-            channel = self._channels[record.address] = grpc.aio.insecure_channel(
-                record.address, options=[("grpc.enable_http_proxy", 0)]
-            )
-        stub = shard_pb2_grpc.ShardStub(channel)
         t0 = time.perf_counter()
         try:
+            stub = shard_pb2_grpc.ShardStub(self._channels.get(record.address))
             await stub.Info(shard_pb2.InfoRequest(), timeout=self.timeout_s)
-        except grpc.aio.AioRpcError:
+        except (grpc.aio.AioRpcError, ValueError):  # ValueError: a malformed announced address
             self.rtts_ms.pop(record.peer_id, None)
             return
         sample = (time.perf_counter() - t0) * 1000
         old = self.rtts_ms.get(record.peer_id)
         self.rtts_ms[record.peer_id] = sample if old is None else (1 - self.alpha) * old + self.alpha * sample
 
-    async def _run_measure_loop(self, period_s: float) -> None:
+    async def run(self, period_s: float) -> None:
         while True:
             try:
                 await self.measure()
@@ -98,5 +88,4 @@ class PeerRtts:
             await asyncio.sleep(period_s)
 
     async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        await self._channels.close()

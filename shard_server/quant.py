@@ -20,8 +20,8 @@ float16 internally); NF4 layers compute in `--dtype` (choose `--dtype bfloat16` 
 Backward (the Backward RPC: gradients w.r.t. the span's inputs, frozen weights) works through both kinds of
 layers (see `_layer_class`). One exception: on CPUs with AVX512-BF16, bitsandbytes repacks NF4 weights into an
 inference-only layout on the first no-grad call; a gradient through such a layer raises `Unsupported`
-(UNIMPLEMENTED on the wire) with a clear message. That CPU path could not be exercised on the development
-machine (no AVX512-BF16); the guard itself is unit-tested.
+(UNIMPLEMENTED on the wire) with a clear message (tests/unit/test_quant_layers.py checks whichever of the two
+behaviours the CPU running it has).
 """
 
 from __future__ import annotations
@@ -123,15 +123,6 @@ def check_quant_support(quant: str, device: torch.device, compute_dtype: torch.d
 def quantizable_linears(block: nn.Module) -> list[str]:
     """Names of the sub-modules `quantize_block` replaces (every nn.Linear, in module order)."""
     return [name for name, module in block.named_modules() if isinstance(module, nn.Linear) and name]
-
-
-def check_block_config(config: Any) -> None:
-    """Configurations whose code reads linear weights directly (not through the layer) cannot be quantized."""
-    if getattr(config, "slow_but_exact", False) and int(getattr(config, "pretraining_tp", 1)) > 1:
-        raise QuantUnavailable(
-            "--quant cannot be used with slow_but_exact=True and pretraining_tp > 1 (BLOOM slices the raw "
-            "weights of its linear layers then); set slow_but_exact to false in config.json"
-        )
 
 
 def quantize_block(

@@ -1,95 +1,47 @@
-"""ShardServicer: the `pollen.v1.Shard` RPCs. Decodes and validates protos, hands domain tensors to the
-BlockBackend on the worker thread, encodes the replies. Every error leaves through one decorator
-(`map_errors`): PollenError → its gRPC status and message; anything else → INTERNAL, traceback logged.
+"""ShardServicer: the `pollen.v1.Shard` RPCs. It owns the inference sessions (open, steps, close), decodes and
+validates protos (validation.py), hands domain tensors to the worker (scheduler.py) and encodes the replies.
+Every error leaves through `swarm.errors.map_errors`: PollenError → its gRPC status, message and class name;
+anything else → INTERNAL with the traceback logged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
-import torch
 
 from shard_server.backend import BlockBackend
 from shard_server.cache import Session, SessionCache
-from shard_server.metrics import ServerMetrics
-from shard_server.push import PushHub
-from shard_server.scheduler import Scheduler
-from swarm.blocks import BlockRange
-from swarm.errors import (
-    BlocksNotServed,
-    CacheExhausted,
-    InvalidRequest,
-    ModelMismatch,
-    PollenError,
-    ServerDraining,
-    SessionNotFound,
+from shard_server.inbox import StepInbox
+from shard_server.push import Pusher
+from shard_server.scheduler import PendingStep, Scheduler
+from shard_server.validation import (
+    check_batch_tokens,
+    check_open,
+    check_target,
+    decode_hidden,
+    decode_mask,
+    decode_step,
 )
+from swarm.blocks import BlockRange
+from swarm.errors import InvalidRequest, PollenError, ServerDraining, SessionNotFound, map_errors
 from swarm.pb import common_pb2, shard_pb2, shard_pb2_grpc
 from swarm.records import ServerRecord
-from swarm.tensors import dtype_name, from_proto, to_proto
+from swarm.tensors import to_proto
 
 log = logging.getLogger(__name__)
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_MASK_DTYPES = (torch.int64, torch.int32, torch.bool)
 
+class Observer(Protocol):
+    """What the servicer reports (metrics.ServerMetrics implements it)."""
 
-def map_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a coroutine or async-generator handler so no exception escapes as an unexplained status."""
+    def request(self, rpc: str, seconds: float, tokens: int, kind: str) -> None: ...
 
-    rpc = handler.__name__
-
-    def count(servicer: Any, code: str) -> None:
-        metrics = getattr(servicer, "metrics", None)
-        if metrics is not None:
-            metrics.rpcs.labels(rpc, code).inc()
-
-    async def abort(self: Any, context: grpc.aio.ServicerContext, e: Exception) -> None:
-        count(self, e.code.name if isinstance(e, PollenError) else "ABORTED" if isinstance(e, grpc.aio.AbortError)
-              else "INTERNAL")  # fmt: skip
-        if isinstance(e, grpc.aio.AbortError):
-            raise e  # a handler aborted on purpose; the status is already set
-        if isinstance(e, PollenError):
-            log.info("%s rejected: %s %s", handler.__name__, e.code.name, e)
-            await context.abort(e.code, str(e))
-        log.error("%s failed with an unexpected error", handler.__name__, exc_info=e)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {handler.__name__}: {type(e).__name__}: {e}")
-
-    if inspect.isasyncgenfunction(handler):
-
-        @functools.wraps(handler)
-        async def gen_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                async for response in handler(self, request, context):
-                    yield response
-            except Exception as e:  # noqa: BLE001 — this is the one place errors become statuses
-                await abort(self, context, e)
-            else:
-                count(self, "OK")
-
-        return gen_wrapper
-
-    @functools.wraps(handler)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            result = await handler(self, request, context)
-        except asyncio.CancelledError:
-            count(self, "CANCELLED")
-            raise
-        except Exception as e:  # noqa: BLE001 — this is the one place errors become statuses
-            await abort(self, context, e)
-        else:
-            count(self, "OK")
-            return result
-
-    return wrapper
+    def rpc_status(self, rpc: str, code: str) -> None: ...
 
 
 class ShardServicer(shard_pb2_grpc.ShardServicer):
@@ -99,21 +51,27 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         blocks: BlockRange,
         cache: SessionCache,
         scheduler: Scheduler,
-        record: Callable[[], ServerRecord | None],
+        record: Callable[[], ServerRecord | None],  # the live announcement, for Info
         inference_max_length: int,
         max_batch_tokens: int,
-        metrics: ServerMetrics | None = None,
+        max_message_bytes: int,
+        observer: Observer | None = None,
     ) -> None:
         self.model_id = model_id
         self.blocks = blocks
         self.cache = cache
         self.scheduler = scheduler  # the torch worker: inference steps first, Forward/Backward after them
-        self.metrics = metrics
+        self.observer = observer
         self.record = record
         self.inference_max_length = inference_max_length
         self.max_batch_tokens = max_batch_tokens
-        self.push = PushHub(max_message_bytes=256 << 20)  # sessions that accept pushes; channels to peers
+        self.pusher = Pusher(max_message_bytes)
         self.backend: BlockBackend | None = None  # set by the server once the blocks are loaded
+        self._inboxes: dict[str, StepInbox] = {}  # by the client's session_id: where pushes for it go
+
+    def on_rpc_status(self, rpc: str, code: str) -> None:  # called by map_errors after every RPC
+        if self.observer is not None:
+            self.observer.rpc_status(rpc, code)
 
     # ---- RPCs ---------------------------------------------------------------------------------------
 
@@ -141,38 +99,37 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     async def Forward(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         backend = self._ready_backend()
         while (request := await context.read()) is not grpc.aio.EOF:
-            blocks = self._check_target(request.model_id, request, any_sub_range=True)
-            hidden = self._decode_hidden(request.hidden, "hidden")
-            self._check_batch_tokens(hidden)
-            mask = self._decode_mask(request, hidden.shape[0], hidden.shape[1])
+            blocks = check_target(self.model_id, self.blocks, request, any_sub_range=True)
+            hidden = decode_hidden(request.hidden, "hidden", backend.hidden_size)
+            check_batch_tokens(hidden, self.max_batch_tokens)
+            mask = decode_mask(request, hidden.shape[0], hidden.shape[1])
             t0 = time.perf_counter()
             out = await self.scheduler.run_training(backend.forward, blocks, hidden, mask)
-            if self.metrics is not None:
-                self.metrics.request("Forward", time.perf_counter() - t0, hidden.shape[0] * hidden.shape[1], "forward")
+            self._observe("Forward", t0, hidden, "forward")
             await context.write(shard_pb2.ForwardResponse(request_id=request.request_id, hidden=to_proto(out)))
 
     @map_errors
     async def Backward(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         backend = self._ready_backend()
         while (request := await context.read()) is not grpc.aio.EOF:
-            blocks = self._check_target(request.model_id, request, any_sub_range=True)
-            hidden = self._decode_hidden(request.hidden, "hidden")
-            self._check_batch_tokens(hidden)
-            grad_output = self._decode_hidden(request.grad_output, "grad_output")
+            blocks = check_target(self.model_id, self.blocks, request, any_sub_range=True)
+            hidden = decode_hidden(request.hidden, "hidden", backend.hidden_size)
+            check_batch_tokens(hidden, self.max_batch_tokens)
+            grad_output = decode_hidden(request.grad_output, "grad_output", backend.hidden_size)
             if grad_output.shape != hidden.shape:
                 raise InvalidRequest(
                     f"grad_output shape {list(grad_output.shape)} differs from hidden shape {list(hidden.shape)}"
                 )
-            mask = self._decode_mask(request, hidden.shape[0], hidden.shape[1])
+            mask = decode_mask(request, hidden.shape[0], hidden.shape[1])
             t0 = time.perf_counter()
             grad = await self.scheduler.run_training(backend.backward, blocks, hidden, grad_output, mask)
-            if self.metrics is not None:
-                tokens = hidden.shape[0] * hidden.shape[1]
-                self.metrics.request("Backward", time.perf_counter() - t0, tokens, "backward")
+            self._observe("Backward", t0, hidden, "backward")
             await context.write(shard_pb2.BackwardResponse(request_id=request.request_id, grad_input=to_proto(grad)))
 
     @map_errors
     async def InferenceStep(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        """One stream = one session: `open` first, then steps (from the client or pushed) until the client
+        closes its side; the session's cache bytes are reserved at open and released when the stream ends."""
         first = await context.read()
         if first is grpc.aio.EOF:
             return
@@ -181,36 +138,31 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         backend = self._ready_backend()
         session = await self._open_session(first.open)
         session.task = asyncio.current_task()  # so an idle or moving server can end the stream
-        push_key = first.open.session_id
+        inbox = self._inboxes[first.open.session_id] = StepInbox(context, session.session_id)  # reopen takes over
+        pending: PendingStep | None = None  # the last step handed to the worker
         pushing: asyncio.Task[None] | None = None  # the last step's push to the next server, if any
         step_id = ""
         try:
-            await context.write(
-                shard_pb2.InferenceResponse(
-                    opened=shard_pb2.InferenceOpened(session_id=session.session_id, max_length=session.max_length)
-                )
-            )
+            opened = shard_pb2.InferenceOpened(session_id=session.session_id, max_length=session.max_length)
+            await context.write(shard_pb2.InferenceResponse(opened=opened))
             # The per-token hot path: validate only what can change per step, no logging above DEBUG.
-            async for request in self.push.requests(context, push_key):  # client's stream + pushes
-                if request.WhichOneof("kind") != "step":
-                    raise InvalidRequest(f"session {session.session_id}: the stream already has an open session")
-                step = request.step
+            while (step := await inbox.next()) is not None:
                 step_id = step.step_id
-                position, hidden, mask, hypo_ids = self._decode_step(session, step)
+                item = decode_step(session, step, backend.hidden_size, self.max_batch_tokens)
                 t0 = time.perf_counter()
-                out = await self.scheduler.step(backend, session, position, hidden, mask, hypo_ids)
-                session.length = position + hidden.shape[1]
+                pending = self.scheduler.submit(backend, item)
+                out = await pending.result()
+                session.length = step.position + item.hidden.shape[1]
                 session.last_active = time.monotonic()
-                if self.metrics is not None:
-                    self.metrics.request("InferenceStep", time.perf_counter() - t0, hidden.shape[0] * hidden.shape[1],
-                                         "inference")  # fmt: skip
+                self._observe("InferenceStep", t0, item.hidden, "inference")
                 hidden_msg = to_proto(out)
                 if pushing is not None:
                     await pushing  # keeps its push_failed notice ahead of this reply
+                    pushing = None
                 if step.next_servers:
-                    pushing = asyncio.create_task(self.push.push_after(context, push_key, step, hidden_msg))
+                    pushing = asyncio.create_task(self._push_after(inbox, context, step, hidden_msg))
                 reply = shard_pb2.InferenceStepOutput(step_id=step_id, hidden=hidden_msg, position=session.length)
-                async with self.push.write_lock(push_key):
+                async with inbox.write_lock:
                     await context.write(shard_pb2.InferenceResponse(step=reply))
         except asyncio.CancelledError:
             if session.closed_reason:  # ended by this server (idle, or blocks moving), not by the client
@@ -221,18 +173,29 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 e.add_note(f"in session {session.session_id} step {step_id!r}")
             raise
         finally:
+            inbox.close()
+            if self._inboxes.get(first.open.session_id) is inbox:
+                del self._inboxes[first.open.session_id]
             if pushing is not None and not pushing.done():
                 pushing.cancel()
-            # A step the worker is running still writes this session's buffers: wait for it (one step at most)
+            # A step the worker is running still writes this session's cache: wait for it (one step at most)
             # before the bytes go back to the budget, so the budget bounds real memory at every moment.
-            await self.scheduler.settled(session)
+            if pending is not None:
+                await pending.settled()
             self.cache.release(session)  # also on client cancel: the handler task is cancelled here
 
     @map_errors
     async def Push(self, request: shard_pb2.PushRequest, context: grpc.aio.ServicerContext) -> shard_pb2.PushResponse:
-        return self.push.accept(request)
+        """The previous server of a chain hands over a step: it queues in the session's inbox."""
+        inbox = self._inboxes.get(request.session_id)
+        if inbox is None:
+            raise SessionNotFound(f"no open session {request.session_id!r} on this server to push to")
+        if not request.HasField("step"):
+            raise InvalidRequest("push without a step")
+        inbox.put(request.step)
+        return shard_pb2.PushResponse()
 
-    # ---- validation (proto → domain) ------------------------------------------------------------------
+    # ---- helpers ------------------------------------------------------------------------------------------
 
     def _ready_backend(self) -> BlockBackend:
         if self.cache.draining:
@@ -241,95 +204,25 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             raise ServerDraining("server is still loading its blocks; retry shortly or use another server")
         return self.backend
 
-    def _check_target(self, model_id: str, request: Any, any_sub_range: bool) -> BlockRange:
-        if model_id != self.model_id:
-            raise ModelMismatch(f"this server serves model {self.model_id!r}, not {model_id!r}")
-        if not request.HasField("blocks"):
-            return self.blocks  # absent = the whole held range
-        start, end = request.blocks.start, request.blocks.end
-        if end <= start:
-            raise InvalidRequest(f"block range {start}:{end} is empty or reversed")
-        held = self.blocks
-        if any_sub_range:
-            if not (held.start <= start and end <= held.end):
-                raise BlocksNotServed(f"blocks {start}:{end} are not served here: this server holds {held}")
-        elif start != held.start or end > held.end:
-            # Session caches are indexed by local layer 0..n-1, so a session must start at our first block.
-            raise BlocksNotServed(
-                f"blocks {start}:{end} cannot be served here: this server holds {held}; "
-                f"an inference session must cover {held.start}:b with b <= {held.end}"
-            )
-        return BlockRange(start, end)
-
-    def _decode_hidden(self, msg: common_pb2.Tensor, name: str) -> torch.Tensor:
-        t = from_proto(msg, name)
-        if t.dtype not in _FLOATS:
-            raise InvalidRequest(f"{name} must be float32, float16 or bfloat16, got {dtype_name(t.dtype)}")
-        hidden_size = self.backend.hidden_size if self.backend is not None else -1
-        if t.dim() != 3 or t.shape[2] != hidden_size or t.shape[0] == 0 or t.shape[1] == 0:
-            raise InvalidRequest(f"{name} must have shape [batch, seq, {hidden_size}], got {list(t.shape)}")
-        return t
-
-    def _decode_mask(self, request: Any, batch: int, length: int) -> torch.Tensor | None:
-        if not request.HasField("attention_mask"):
-            return None
-        mask = from_proto(request.attention_mask, "attention_mask")
-        if mask.dtype not in _MASK_DTYPES:
-            raise InvalidRequest(f"attention_mask must be int64, int32 or bool, got {dtype_name(mask.dtype)}")
-        if tuple(mask.shape) != (batch, length):
-            raise InvalidRequest(f"attention_mask must have shape [{batch}, {length}], got {list(mask.shape)}")
-        return mask
-
-    def _check_batch_tokens(self, hidden: torch.Tensor) -> None:
-        tokens = hidden.shape[0] * hidden.shape[1]
-        if tokens > self.max_batch_tokens:
-            raise CacheExhausted(
-                f"request of {hidden.shape[0]}x{hidden.shape[1]} = {tokens} tokens is over this server's "
-                f"max_batch_size of {self.max_batch_tokens} tokens; split it"
-            )
-
     async def _open_session(self, msg: shard_pb2.InferenceOpen) -> Session:
-        blocks = self._check_target(msg.model_id, msg, any_sub_range=False)
-        if msg.max_length == 0:
-            raise InvalidRequest("open.max_length must be at least 1")
-        if msg.max_length > self.inference_max_length:
-            raise CacheExhausted(
-                f"max_length {msg.max_length} is over this server's inference_max_length {self.inference_max_length}"
-            )
-        batch_size = msg.batch_size or 1
-        return await self.cache.open(msg.session_id or "<unnamed>", blocks, msg.max_length, batch_size)
+        blocks = check_target(self.model_id, self.blocks, msg, any_sub_range=False)
+        check_open(msg, self.inference_max_length)
+        return await self.cache.open(msg.session_id or "<unnamed>", blocks, msg.max_length, msg.batch_size or 1)
 
-    def _decode_step(
-        self, session: Session, step: shard_pb2.InferenceStepInput
-    ) -> tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        position = step.position
-        if position > session.length:
-            raise InvalidRequest(
-                f"session {session.session_id}: step position {position} is ahead of the {session.length} "
-                f"tokens in the cache"
-            )
-        hidden = self._decode_hidden(step.hidden, "hidden")
-        self._check_batch_tokens(hidden)
-        batch, new_tokens = hidden.shape[0], hidden.shape[1]
-        if batch != session.batch_size:
-            raise InvalidRequest(
-                f"session {session.session_id}: hidden has batch {batch}, the session was opened with "
-                f"batch_size {session.batch_size}"
-            )
-        if position + new_tokens > session.max_length:
-            raise InvalidRequest(
-                f"session {session.session_id}: {new_tokens} tokens at position {position} would reach "
-                f"{position + new_tokens}, over the session's max_length {session.max_length}"
-            )
-        mask = self._decode_mask(step, batch, position + new_tokens)
-        hypo_ids = None
-        if step.HasField("hypo_ids"):
-            hypo_ids = from_proto(step.hypo_ids, "hypo_ids")
-            if hypo_ids.dtype != torch.int64 or tuple(hypo_ids.shape) != (batch,):
-                raise InvalidRequest(
-                    f"hypo_ids must be int64 of shape [{batch}], got {dtype_name(hypo_ids.dtype)} "
-                    f"{list(hypo_ids.shape)}"
-                )
-            if batch and not (0 <= int(hypo_ids.min()) and int(hypo_ids.max()) < batch):
-                raise InvalidRequest(f"hypo_ids must be in [0, {batch}), got {hypo_ids.tolist()}")
-        return position, hidden, mask, hypo_ids
+    async def _push_after(
+        self,
+        inbox: StepInbox,
+        context: grpc.aio.ServicerContext,
+        step: shard_pb2.InferenceStepInput,
+        output: common_pb2.Tensor,
+    ) -> None:
+        """Push the step on; if that fails, tell the client on its stream so it sends the step itself."""
+        error = await self.pusher.push(step, output)
+        if error is not None:
+            notice = shard_pb2.PushFailed(step_id=step.step_id, error=error)
+            async with inbox.write_lock:
+                await context.write(shard_pb2.InferenceResponse(push_failed=notice))
+
+    def _observe(self, rpc: str, t0: float, hidden: Any, kind: str) -> None:
+        if self.observer is not None:
+            self.observer.request(rpc, time.perf_counter() - t0, hidden.shape[0] * hidden.shape[1], kind)

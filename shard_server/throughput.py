@@ -17,16 +17,14 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from shard_server.backend import BlockBackend
+from shard_server.backend import BlockBackend, KvHandle, StepItem
 
 log = logging.getLogger(__name__)
 
@@ -110,27 +108,25 @@ def store_cached(path: Path, key: str, value: Throughput) -> None:
         log.warning("could not write the throughput cache %s: %s", path, e)
 
 
-def _median_s(fn: object, repeats: int) -> float:
+def _median_s(fn: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()  # type: ignore[operator]
+        fn()
         times.append(time.perf_counter() - t0)
-    return max(statistics.median(times), 1e-9)
+    # not statistics.median: importing `statistics` after torch costs ~0.2 s (its `decimal` C module)
+    return max(sorted(times)[len(times) // 2], 1e-9)
 
 
 def measure_inference_tps(backend: BlockBackend, steps: int = 5) -> float:
     """Single-token steps of one session (batch 1) through the whole span, after warm-up."""
-    from shard_server.cache import Session
-
-    blocks = backend.blocks
-    session = Session(0, "throughput", blocks, max_length=steps + 8, batch_size=1, reserved_tokens=0, reserved_bytes=0)
+    kv = KvHandle(backend.blocks, batch=1, max_length=steps + 8)
     token = torch.randn(1, 1, backend.hidden_size)
-    backend.session_step(session, 0, token)  # warm-up: first calls allocate and pick kernels
+    backend.step([StepItem(kv, 0, token)])  # warm-up: first calls allocate and pick kernels
     position = [1]
 
     def one() -> None:
-        backend.session_step(session, position[0], token)
+        backend.step([StepItem(kv, position[0], token)])
         position[0] += 1
 
     return 1.0 / _median_s(one, steps)
@@ -138,21 +134,17 @@ def measure_inference_tps(backend: BlockBackend, steps: int = 5) -> float:
 
 def measure(backend: BlockBackend, forward_tokens: int, mbps: float | None) -> Throughput:
     """All compute figures for the loaded span; runs on the worker thread (about a second on small models)."""
-    from shard_server.cache import Session
-
     inference = measure_inference_tps(backend)
     blocks = backend.blocks
     hidden = torch.randn(1, forward_tokens, backend.hidden_size)
     backend.forward(blocks, hidden)  # warm-up
     forward = forward_tokens / _median_s(lambda: backend.forward(blocks, hidden), 2)
 
-    speedup = 1.0
-    if backend.can_batch(blocks):
-        sessions = [Session(i, "throughput", blocks, 16, 1, 0, 0) for i in range(BATCH_SESSIONS)]
-        token = torch.randn(1, 1, backend.hidden_size)
-        for s in sessions:
-            backend.session_step(s, 0, token)
-        steps = [(s, 1, token, None) for s in sessions]
-        batched_s = _median_s(lambda: backend.decode_batch(blocks, steps), 3)
-        speedup = (BATCH_SESSIONS / batched_s) / inference
+    # BATCH_SESSIONS sessions decoding together, each at position 1 of its own cache (re-written every round)
+    token = torch.randn(1, 1, backend.hidden_size)
+    kvs = [KvHandle(blocks, batch=1, max_length=16) for _ in range(BATCH_SESSIONS)]
+    for kv in kvs:
+        backend.step([StepItem(kv, 0, token)])
+    batched_s = _median_s(lambda: backend.step([StepItem(kv, 1, token) for kv in kvs]), 3)
+    speedup = (BATCH_SESSIONS / batched_s) / inference
     return Throughput(inference, forward, speedup, network_tps(backend.hidden_size, mbps))

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
 import pytest_asyncio
 
 from shard_server import ShardServer
+from swarm.net import open_channel
 from swarm.pb import shard_pb2_grpc
 
 
 @pytest_asyncio.fixture(scope="module")
 async def stub(server: ShardServer) -> AsyncIterator[shard_pb2_grpc.ShardStub]:
-    async with grpc.aio.insecure_channel(server.address) as channel:
+    async with open_channel(server.address) as channel:
         yield shard_pb2_grpc.ShardStub(channel)

@@ -34,7 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from shard_server.loader import ModelInfo, inspect_model, load_span
 from swarm.blocks import BlockRange
 from swarm.model_files import Checkpoint
-from swarm.models import ClientHead
+from swarm.models import ClientHead, run_span
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'pollen-swarm[quant]')")
 
@@ -103,10 +103,9 @@ class Case:
 
     def logits(self, quant: str, device: torch.device = CPU) -> torch.Tensor:
         dtype = COMPUTE_DTYPE[quant] if quant != "none" else torch.float32
-        span = load_span(self.info, BlockRange(0, self.info.family.num_blocks), device, dtype, progress=False,
-                         quant=quant)  # fmt: skip
+        span = load_span(self.info, BlockRange(0, self.info.family.num_blocks), device, dtype, quant=quant)
         with torch.inference_mode():
-            hidden = span(self.head.embed(self.ids).to(device=device, dtype=dtype))
+            hidden = run_span(span, self.head.embed(self.ids).to(device=device, dtype=dtype))
             return self.head.logits(hidden.float().cpu())
 
 

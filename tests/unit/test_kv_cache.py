@@ -1,5 +1,6 @@
-"""Preallocated KV caches (shard_server/kv_cache.py) and the server's KV memory manager (shard_server/cache.py):
-exact outputs against transformers' DynamicCache, exact byte accounting, waiting opens, timeouts, limits."""
+"""The backend's one step routine over a session's KV handle (explicit positions, rollback by overwriting, beam
+reorder, batch of several sessions) against transformers, and the server's KV memory manager
+(shard_server/cache.py): exact byte accounting, waiting opens, timeouts, limits, idle sessions."""
 
 from __future__ import annotations
 
@@ -8,51 +9,84 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
-from shard_server.backend import BlockBackend
+from shard_server.backend import BlockBackend, KvHandle, StepItem
 from shard_server.cache import SessionCache
-from shard_server.kv_cache import CacheOverflow, cache_nbytes, kv_bytes_per_token_estimate
 from shard_server.loader import inspect_model, load_span
 from swarm.blocks import BlockRange
 from swarm.errors import CacheExhausted, ServerDraining
+from swarm.models.base import CacheOverflow
+from tests.reference import pre_norm_hidden
 
 ALL = BlockRange(0, 4)
+EXACT = dict(atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")
 def backend(tiny_llama: Path) -> BlockBackend:
     info = inspect_model(str(tiny_llama), ALL)
-    span = load_span(info, ALL, torch.device("cpu"), torch.float32, progress=False)
-    return BlockBackend(info, span, torch.device("cpu"), torch.float32)
+    return BlockBackend(load_span(info, ALL, torch.device("cpu"), torch.float32), torch.device("cpu"), torch.float32)
 
 
-def test_preallocated_cache_equals_dynamic_cache_with_rollback_and_beams(backend: BlockBackend) -> None:
+@pytest.fixture(scope="module")
+def reference(tiny_llama: Path) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(tiny_llama).eval()
+
+
+def test_steps_with_rollback_and_beams_equal_transformers(backend: BlockBackend, reference: LlamaForCausalLM) -> None:
     gen = torch.Generator().manual_seed(0)
     prompt, steps = torch.randn(2, 5, 64, generator=gen), torch.randn(2, 4, 64, generator=gen)
-    dynamic, fixed = backend.new_cache(ALL), backend.new_cache(ALL, max_length=16)
-    for cache in (dynamic, fixed):
-        backend.inference_step(ALL, cache, 0, prompt)
-    beams = torch.tensor([1, 1])
+    kv = KvHandle(ALL, batch=2, max_length=16)
+    out = backend.step([StepItem(kv, 0, prompt)])[0]
+    torch.testing.assert_close(out, pre_norm_hidden(reference, prompt), **EXACT)
+    history = prompt  # what each row's cache holds: [2, length, hidden]
     for pos in range(5, 9):
-        hypo = beams if pos == 7 else None
-        want = backend.inference_step(ALL, dynamic, pos, steps[:, pos - 5 : pos - 4], hypo_ids=hypo)
-        got = backend.inference_step(ALL, fixed, pos, steps[:, pos - 5 : pos - 4], hypo_ids=hypo)
-        assert torch.equal(got, want)
-    # roll back two tokens and redo them: same numbers as the first time
-    redo = backend.inference_step(ALL, fixed, 7, steps[:, 2:4])
-    assert torch.equal(redo, backend.inference_step(ALL, dynamic, 7, steps[:, 2:4]))
-    assert fixed.get_seq_length() == 9
+        new = steps[:, pos - 5 : pos - 4]
+        reorder = torch.tensor([1, 1]) if pos == 7 else None  # beam search: both rows continue row 1
+        if reorder is not None:
+            history = history[reorder]
+        out = backend.step([StepItem(kv, pos, new, reorder=reorder)])[0]
+        history = torch.cat([history, new], dim=1)
+        torch.testing.assert_close(out, pre_norm_hidden(reference, history)[:, -1:], **EXACT)
+    # roll back two tokens and write others there: the cache is overwritten from position 7, nothing is cropped
+    other = torch.randn(2, 2, 64, generator=gen)
+    out = backend.step([StepItem(kv, 7, other)])[0]
+    history = torch.cat([history[:, :7], other], dim=1)
+    torch.testing.assert_close(out, pre_norm_hidden(reference, history)[:, -2:], **EXACT)
+
+
+def test_one_step_of_several_sessions_equals_each_alone(backend: BlockBackend) -> None:
+    """Prefill, decode and a left-padded step of three sessions in one span.forward == each run alone."""
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randn(b, t, 64, generator=gen) for b, t in ((1, 3), (2, 4), (1, 6))]
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, :2] = False  # session 1, row 0: left-padded by two
+    alone, together = [KvHandle(ALL, p.shape[0], 8) for p in prompts], [KvHandle(ALL, p.shape[0], 8) for p in prompts]
+    for kvs in (alone, together):
+        backend.step([StepItem(kvs[0], 0, prompts[0]), StepItem(kvs[1], 0, prompts[1], mask[:, :4])])
+
+    def items(kvs: list[KvHandle]) -> list[StepItem]:  # the same three steps for both sets of caches
+        return [
+            StepItem(kvs[0], 3, prompts[0][:, :1]),  # decode
+            StepItem(kvs[1], 4, prompts[1][:, :1], mask),  # padded decode
+            StepItem(kvs[2], 0, prompts[2]),  # prefill
+        ]
+
+    expected = [backend.step([item])[0] for item in items(alone)]
+    for got, want in zip(backend.step(items(together)), expected, strict=True):
+        torch.testing.assert_close(got, want, **EXACT)
 
 
 def test_cache_bytes_are_exactly_the_reservation(backend: BlockBackend) -> None:
-    per_token_block = backend.measure_kv_bytes_per_token()
-    cfg = backend.info.config
-    assert per_token_block == kv_bytes_per_token_estimate(cfg, 4) == 2 * 2 * 16 * 4  # k+v, 2 kv heads, dim 16, fp32
-    cache = backend.new_cache(ALL, max_length=10)
-    backend.inference_step(ALL, cache, 0, torch.randn(3, 2, 64))
-    assert cache_nbytes(cache) == 10 * 3 * per_token_block * len(ALL)  # allocated once, for max_length x batch
+    per_token_block = backend.kv_bytes_per_token()
+    assert per_token_block == backend.span.family.kv_bytes_per_token(4) == 2 * 2 * 16 * 4  # k+v, 2 heads, dim 16
+    kv = KvHandle(ALL, batch=3, max_length=10)
+    assert kv.nbytes == 0  # nothing is allocated before the first step
+    backend.step([StepItem(kv, 0, torch.randn(3, 2, 64))])
+    assert kv.nbytes == 10 * 3 * per_token_block * len(ALL)  # allocated once, for max_length x batch
     with pytest.raises(CacheOverflow):
-        backend.inference_step(ALL, cache, 2, torch.randn(3, 9, 64))
+        backend.step([StepItem(kv, 2, torch.randn(3, 9, 64))])
 
 
 async def test_open_waits_for_room_then_fails_with_sizes() -> None:

@@ -45,16 +45,16 @@ def reference_output(model_dir: Path, hidden: torch.Tensor) -> torch.Tensor:
 def test_blocks_2_4_load_from_a_checkpoint_holding_only_them(tiny_llama: Path, tmp_path: Path) -> None:
     stripped = only_blocks_2_and_3(tiny_llama, tmp_path / "blocks-2-3")
     info = inspect_model(str(stripped), BlockRange(2, 4))
-    span = load_span(info, BlockRange(2, 4), CPU, torch.float32, progress=False)
+    span = load_span(info, BlockRange(2, 4), CPU, torch.float32)
     assert all(p.device.type == "cpu" and not p.requires_grad for p in span.parameters())  # nothing left on meta
 
     hidden = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
-    out = BlockBackend(info, span, CPU, torch.float32).forward(BlockRange(2, 4), hidden)
+    out = BlockBackend(span, CPU, torch.float32).forward(BlockRange(2, 4), hidden)
     torch.testing.assert_close(out, reference_output(tiny_llama, hidden), atol=1e-5, rtol=0)
 
     # Asking the same stripped checkpoint for a block it lacks fails loudly instead of inventing weights.
     with pytest.raises(LoadError, match=r"model\.layers\.1\."):
-        load_span(inspect_model(str(stripped), BlockRange(1, 3)), BlockRange(1, 3), CPU, torch.float32, progress=False)
+        load_span(inspect_model(str(stripped), BlockRange(1, 3)), BlockRange(1, 3), CPU, torch.float32)
 
 
 def test_sharded_checkpoint_reads_only_the_blocks_tensors(tiny_llama: Path, tmp_path: Path) -> None:
@@ -65,7 +65,7 @@ def test_sharded_checkpoint_reads_only_the_blocks_tensors(tiny_llama: Path, tmp_
 
     info = inspect_model(str(sharded), BlockRange(2, 4))
     checkpoint = Checkpoint(sharded)
-    span = load_span(info, BlockRange(2, 4), CPU, torch.bfloat16, checkpoint=checkpoint, progress=False)
+    span = load_span(info, BlockRange(2, 4), CPU, torch.bfloat16, checkpoint=checkpoint)
 
     read = checkpoint.tensors_read
     assert read and all(k.startswith(("model.layers.2.", "model.layers.3.")) for k in read), read

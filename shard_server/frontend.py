@@ -1,0 +1,49 @@
+"""The gRPC front of a shard server: the Shard service, the standard health service (NOT_SERVING while loading,
+moving or draining) and server reflection (so grpcurl can list and describe it), on one port."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shard_server.startup import ConfigError
+from swarm.net import format_address, server_options
+from swarm.pb import shard_pb2, shard_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SHARD_SERVICE = shard_pb2.DESCRIPTOR.services_by_name["Shard"].full_name  # "pollen.v1.Shard"
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+STOP_GRACE_S = 0.5  # streams still open after the drain are cancelled after this
+
+
+class GrpcFront:
+    def __init__(self, servicer: shard_pb2_grpc.ShardServicer, host: str, port: int, max_message_bytes: int) -> None:
+        self._health = health.aio.HealthServicer()
+        self._server = grpc.aio.server(options=server_options(max_message_bytes))
+        shard_pb2_grpc.add_ShardServicer_to_server(servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection((SHARD_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server)
+        bind = format_address(host, port)
+        try:
+            self.port = self._server.add_insecure_port(bind)
+        except RuntimeError as e:
+            raise ConfigError(f"cannot listen on {bind}: {e}") from None
+
+    async def start(self) -> None:
+        await self.set_serving(False)  # loading
+        await self._server.start()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SHARD_SERVICE):
+            await self._health.set(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        await self._health.enter_graceful_shutdown()
+
+    async def stop(self) -> None:
+        await self._server.stop(grace=STOP_GRACE_S)
