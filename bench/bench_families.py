@@ -171,10 +171,11 @@ def main() -> None:
         lm = load_local(path)
         prompt, expected = greedy_prompt(lm, args.tokens)
         # --throughput: skip the start-up measurement (it only orders servers, and there is one chain here)
-        times = compare_decode(lm, path, prompt, expected, (1, 2), args.repeats, 1, ("--throughput", "100"), family)
+        timings = compare_decode(lm, path, prompt, expected, (1, 2), args.repeats, 1, ("--throughput", "100"), family)
         del lm
-        tps = {setup: args.tokens / median(ts) for setup, ts in times.items()}
-        best = {setup: min(ts) for setup, ts in times.items()}  # seconds of the fastest call
+        tps = {setup: args.tokens / median(ts) for setup, ts in timings.wall.items()}
+        best = {setup: min(ts) for setup, ts in timings.wall.items()}  # seconds of the fastest call
+        cpu = {setup: median(ts) for setup, ts in timings.cpu.items()}
         one, two = setup_name(1), setup_name(2)
         rows.append(
             [
@@ -188,6 +189,7 @@ def main() -> None:
                 f"{tps[two] / tps['local']:.3f}x",
                 f"{best['local'] / best[one]:.3f}x",
                 f"{best['local'] / best[two]:.3f}x",
+                f"{cpu['local'] / cpu[one]:.3f}x / {cpu['local'] / cpu[two]:.3f}x",
             ]
         )
         print(" | ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
@@ -197,7 +199,8 @@ def main() -> None:
     print(f"\ncode: {code_version()}; load average after: {load_average()}")
     print(
         f"### Greedy decoding, {args.tokens} new tokens (same on every side, checked), float32, 1 torch thread "
-        f"per process, median of {args.repeats}; 'best' compares the fastest call of each setup\n"
+        f"per process, median of {args.repeats}; 'best' compares the fastest call of each setup; CPU compares the "
+        f"CPU time of the local process with that of all processes of a swarm setup\n"
     )
     header = [
         "family",
@@ -210,6 +213,7 @@ def main() -> None:
         "2 servers / local",
         "best 1 / local",
         "best 2 / local",
+        "CPU: local / 1, local / 2",
     ]
     print(markdown(header, rows))
     if llama is not None and not args.skip_memory:

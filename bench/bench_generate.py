@@ -66,11 +66,13 @@ def main() -> None:
         label = "Petals' small (random)" if name == SMALL else path.name
         lm = load_local(path)
         prompt, expected = greedy_prompt(lm, args.tokens)
-        times = compare_decode(lm, path, prompt, expected, (1, 2), args.repeats, args.threads, desc=label)
+        timings = compare_decode(lm, path, prompt, expected, (1, 2), args.repeats, args.threads, desc=label)
         del lm
-        ms = {setup: 1000 * median(ts) / args.tokens for setup, ts in times.items()}
-        best = {setup: 1000 * min(ts) / args.tokens for setup, ts in times.items()}
-        for setup, ts in times.items():
+        per_token = 1000 / args.tokens
+        ms = {setup: per_token * median(ts) for setup, ts in timings.wall.items()}
+        best = {setup: per_token * min(ts) for setup, ts in timings.wall.items()}
+        cpu = {setup: per_token * median(ts) for setup, ts in timings.cpu.items()}
+        for setup, ts in timings.wall.items():
             tps = [args.tokens / t for t in ts]
             rows.append(
                 [
@@ -81,38 +83,27 @@ def main() -> None:
                     f"{ms['local'] / ms[setup]:.3f}x",
                     f"{best[setup]:.2f}",
                     f"{best['local'] / best[setup]:.3f}x",
+                    f"{cpu[setup]:.2f}",
                 ]
             )
         one, two = setup_name(1), setup_name(2)
         hops.append(
-            [
-                label,
-                f"{num_blocks(path)}",
-                f"{ms[one] - ms['local']:+.2f}",
-                f"{ms[two] - ms[one]:+.2f}",
-                f"{best[one] - best['local']:+.2f}",
-                f"{best[two] - best[one]:+.2f}",
-            ]
+            [label, f"{num_blocks(path)}"]
+            + [f"{d[one] - d['local']:+.2f} / {d[two] - d[one]:+.2f}" for d in (ms, best, cpu)]
         )
 
     print(f"\ncode: {code_version()}; load average after: {load_average()}")
     print(
         f"{args.tokens} new greedy tokens after a {PROMPT_LEN}-token prompt (same tokens on every side, checked), "
         f"float32, {args.threads} torch thread(s) per process, median of {args.repeats} (min-max); 'best' = the "
-        f"fastest call of each setup (less hit by other load on a shared machine)\n"
+        f"fastest call of each setup (least disturbed by other load); CPU = all processes of the setup (this one "
+        f"and its servers), which take turns at batch 1\n"
     )
-    print(
-        markdown(
-            ["model", "setup", "tokens/s", "ms/token", "swarm / local", "best ms/token", "best swarm / local"], rows
-        )
-    )
+    header = ["model", "setup", "tokens/s", "ms/token", "swarm / local", "best ms/token", "best swarm / local"]
+    print(markdown([*header, "CPU ms/token"], rows))
     print()
-    print(
-        markdown(
-            ["model", "blocks", "first hop adds (ms/token)", "second hop adds", "first hop, best", "second hop, best"],
-            hops,
-        )
-    )
+    header = ["model", "blocks", "ms added by hop 1 / hop 2", "best: hop 1 / hop 2", "CPU ms: hop 1 / hop 2"]
+    print(markdown(header, hops))
     scratch.cleanup()
 
 

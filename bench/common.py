@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -205,8 +206,8 @@ def split_ranges(blocks: int, servers: int) -> list[str]:
     return [f"{a}:{b}" for a, b in zip(cuts, cuts[1:])]
 
 
-def start_swarm(procs: Any, name: str, model: Path, servers: int, threads: int, *extra: str) -> str:
-    """A dht-node of its own plus `servers` shard-servers splitting the model; returns the dht address.
+def start_swarm(procs: Any, name: str, model: Path, servers: int, threads: int, *extra: str) -> tuple[str, list[Any]]:
+    """A dht-node of its own plus `servers` shard-servers splitting the model; returns (dht address, servers).
 
     Each swarm gets its own dht-node so that swarms of the same model alive at once never mix routes.
     """
@@ -218,13 +219,22 @@ def start_swarm(procs: Any, name: str, model: Path, servers: int, threads: int, 
     ]
     for proc in started:
         procs.wait_ready(proc)
-    return str(dht.address)
+    return str(dht.address), started
 
 
 def swarm_processes(threads: int) -> Any:
     from tests.launcher import SwarmProcesses
 
     return SwarmProcesses(env=child_env(threads))
+
+
+@dataclass
+class Timings:
+    """Per setup, per measured call: wall seconds, and CPU seconds of every process involved (this one and
+    the setup's servers; with batch 1 they take turns, so on an idle machine wall ~ CPU + wake-ups)."""
+
+    wall: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)
 
 
 def compare_decode(
@@ -237,8 +247,8 @@ def compare_decode(
     threads: int,
     extra_server_flags: Sequence[str] = (),
     desc: str = "",
-) -> dict[str, list[float]]:
-    """Seconds per `generate` call for the local model and for swarms of 1, 2, ... servers, interleaved.
+) -> Timings:
+    """Times `generate` calls of the local model and of swarms of 1, 2, ... servers, interleaved.
 
     Every swarm is up at once (idle ones cost nothing), so each round times every setup back to back, in a
     rotating order: a load change on the shared machine hits all setups alike. One warm-up call each.
@@ -250,22 +260,26 @@ def compare_decode(
 
     new_tokens = len(expected)
     runners: dict[str, Callable[[], list[int]]] = {"local": lambda: local_generate(lm, prompt, new_tokens)}
+    pids: dict[str, list[int]] = {"local": [os.getpid()]}
     clients = []
     with swarm_processes(threads) as procs:
         try:
             for count in server_counts:
-                dht = start_swarm(procs, f"s{count}", model, count, threads, *extra_server_flags)
+                dht, servers = start_swarm(procs, f"s{count}", model, count, threads, *extra_server_flags)
                 client = SwarmClient(initial_peers=[dht], model=str(model))
                 clients.append(client)
                 runners[setup_name(count)] = functools.partial(swarm_generate, client, prompt, new_tokens)
-            times: dict[str, list[float]] = {name: [] for name in runners}
+                pids[setup_name(count)] = [os.getpid()] + [s.popen.pid for s in servers]
+            out = Timings({name: [] for name in runners}, {name: [] for name in runners})
             names = list(runners)
             for round_ in tqdm(range(repeats + 1), desc=desc or "rounds", leave=False):
                 shift = round_ % len(names)
                 for name in names[shift:] + names[:shift]:
+                    cpu0 = sum(cpu_seconds(pid) for pid in pids[name])
                     t0 = time.perf_counter()
                     tokens = runners[name]()
                     elapsed = time.perf_counter() - t0
+                    cpu = sum(cpu_seconds(pid) for pid in pids[name]) - cpu0
                     if tokens != expected:
                         first = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), len(tokens))
                         raise AssertionError(
@@ -273,11 +287,12 @@ def compare_decode(
                             f"{tokens[first : first + 5]} vs {expected[first : first + 5]}"
                         )
                     if round_:  # round 0 is the warm-up
-                        times[name].append(elapsed)
+                        out.wall[name].append(elapsed)
+                        out.cpu[name].append(cpu)
         finally:
             for client in clients:
                 client.close()
-    return times
+    return out
 
 
 def swarm_generate(client: Any, prompt: list[int], new_tokens: int) -> list[int]:
@@ -297,6 +312,11 @@ def rss_bytes(pid: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process's live threads so far, in ns resolution (/proc/<pid>/stat counts 10 ms ticks)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])  # ns on a CPU
+        except (OSError, ValueError):
+            pass  # the thread just ended
+    return total / 1e9

@@ -155,8 +155,8 @@ def main() -> None:
     from client_sdk import SwarmClient
 
     with swarm_processes(1) as procs:
-        dht = start_swarm(procs, "p", model, args.servers, 1)
-        server = [p for p in procs.procs if p.name.startswith("p-")][args.which]
+        dht, servers = start_swarm(procs, "p", model, args.servers, 1)
+        server = servers[args.which]
         pid = os.getpid() if args.client else server.popen.pid
         target = "the client (this process)" if args.client else f"server {args.which} ({server.name})"
         with SwarmClient(initial_peers=[dht], model=str(model)) as client:
