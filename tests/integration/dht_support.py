@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import umsgpack
+from kademlia.utils import digest
 
 from dht_node.protocol import CLIENT_ID, REQUEST, RESPONSE
+from swarm.blocks import block_key
 
 HANG_S = 120.0  # bounds for a hung test only: never a speed requirement, a loaded machine stays far below
 
@@ -96,3 +99,74 @@ class UdpPeer:
 
     def close(self) -> None:
         self.transport.close()
+
+
+# ---- what a public UDP port receives ----
+
+
+def garbage_datagrams(rng: random.Random, node_id: bytes) -> list[bytes]:
+    """Malformed requests of every shape, oversize and recursive payloads, and random bytes."""
+
+    def request(payload: object) -> bytes:
+        return b"\x00" + rng.randbytes(20) + umsgpack.packb(payload)
+
+    shapes: list[object] = [
+        [],
+        ["ping"],
+        ["ping", []],
+        ["ping", [b"short"]],
+        ["ping", "not a list"],
+        ["ping", [node_id]],  # our own id: a reflection, not a contact
+        [b"ping", [b"x" * 20]],
+        ["store", [1, 2, 3]],
+        ["store", [b"x" * 20, b"k" * 20, {"a": "not an entry"}]],
+        ["store", [b"x" * 20, b"k" * 20, {"a": [b"v", 1e300]}]],
+        ["store", [b"x" * 20, b"k" * 20, {f"s{i}": [b"v", time.time() + 9] for i in range(500)}]],
+        ["store", [b"x" * 20, b"short", {}]],
+        ["find_node", [None, None]],
+        ["find_value", [b"x" * 20, 5]],
+        ["find_value", [b"x" * 20, b"k" * 20, "extra"]],
+        ["stun", []],
+        ["__init__", []],
+        ["nonexistent", [1]],
+        {"a": 1},
+        [1.5, [None]],
+    ]
+    out = [request(shape) for shape in shapes]
+    # arrays nested deeper than the recursion limit of the (recursive) unpacker
+    out.append(b"\x00" + rng.randbytes(20) + b"\x91" * 3000 + b"\x90")
+    out.append(b"\x00" + rng.randbytes(20) + umsgpack.packb(["store", [b"x" * 20, b"k" * 20, b"v" * 9000]]))
+    out.append(b"\x01" + rng.randbytes(20) + umsgpack.packb([True, None]))  # reply to nothing
+    out += [b"\x00" + rng.randbytes(20) + rng.randbytes(rng.randint(0, 300)) for _ in range(150)]
+    out += [rng.randbytes(rng.randint(0, 1500)) for _ in range(150)]
+    return out
+
+
+def fuzz_datagrams(rng: random.Random, count: int, model: str) -> list[bytes]:
+    """Garbage of every kind a public port sees: random bytes, bad msgpack, wrong rpc shapes and types,
+    oversized packets, forged and unsigned stores, and a store flood."""
+    junk: list[Any] = [None, True, 1, -1, 2**63, 1.5, float("nan"), "", "x" * 300, b"", b"\x00" * 20, [], {}, [[]],
+                       {"a": [b"v", 1e300]}, [b"k" * 20] * 300]  # fmt: skip
+    names = ["ping", "store", "find_node", "find_value", "stun", "nope", b"store", 7]
+    out: list[bytes] = []
+    for i in range(count):
+        kind = i % 6
+        msg_id = rng.randbytes(20)
+        if kind == 0:
+            out.append(rng.randbytes(rng.randint(0, 200)))
+        elif kind == 1:
+            out.append(b"\x00" + msg_id + rng.randbytes(rng.randint(1, 100)))
+        elif kind == 2:
+            args = [rng.choice(junk) for _ in range(rng.randint(0, 5))]
+            out.append(b"\x00" + msg_id + umsgpack.packb([rng.choice(names), args]))
+        elif kind == 3:
+            out.append(rng.choice([b"\x00", b"\x01"]) + msg_id + rng.randbytes(rng.choice([9000, 30000, 60000])))
+        elif kind == 4:  # stores that parse but must be refused: unsigned, wrong key name, bad signature
+            name = block_key(model, rng.randint(0, 9))
+            entry = [b"{}", time.time() + 60, rng.randbytes(32), rng.randbytes(64)]
+            subkey = rng.randbytes(20).hex()
+            key = digest(name) if rng.random() < 0.7 else rng.randbytes(20)
+            out.append(b"\x00" + msg_id + umsgpack.packb(["store", [rng.randbytes(20), key, {subkey: entry}, name]]))
+        else:  # a reply nobody asked for
+            out.append(b"\x01" + msg_id + umsgpack.packb(rng.choice(junk)))
+    return out

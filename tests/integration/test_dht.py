@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 import pytest_asyncio
-import umsgpack
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kademlia.utils import digest
@@ -24,7 +23,7 @@ from dht_node.node import DhtNode
 from swarm.dht_client import DhtClient
 from swarm.errors import InvalidRequest
 from swarm.pb import dht_pb2, dht_pb2_grpc
-from tests.integration.dht_support import HANG_S, ManualClock, UdpPeer, wait_until
+from tests.integration.dht_support import HANG_S, ManualClock, UdpPeer, garbage_datagrams, wait_until
 
 T = TypeVar("T")
 N_NODES = 6
@@ -216,48 +215,12 @@ async def test_bad_gets_are_invalid_argument(clients: list[DhtClient]) -> None:
         await bounded(clients[0].batch_get([f"k{i}" for i in range(1000)]))
 
 
-def _garbage(rng: random.Random, node_id: bytes) -> list[bytes]:
-    def request(payload: object) -> bytes:
-        return b"\x00" + rng.randbytes(20) + umsgpack.packb(payload)
-
-    shapes: list[object] = [
-        [],
-        ["ping"],
-        ["ping", []],
-        ["ping", [b"short"]],
-        ["ping", "not a list"],
-        ["ping", [node_id]],  # our own id: a reflection, not a contact
-        [b"ping", [b"x" * 20]],
-        ["store", [1, 2, 3]],
-        ["store", [b"x" * 20, b"k" * 20, {"a": "not an entry"}]],
-        ["store", [b"x" * 20, b"k" * 20, {"a": [b"v", 1e300]}]],
-        ["store", [b"x" * 20, b"k" * 20, {f"s{i}": [b"v", time.time() + 9] for i in range(500)}]],
-        ["store", [b"x" * 20, b"short", {}]],
-        ["find_node", [None, None]],
-        ["find_value", [b"x" * 20, 5]],
-        ["find_value", [b"x" * 20, b"k" * 20, "extra"]],
-        ["stun", []],
-        ["__init__", []],
-        ["nonexistent", [1]],
-        {"a": 1},
-        [1.5, [None]],
-    ]
-    out = [request(shape) for shape in shapes]
-    # arrays nested deeper than the recursion limit of the (recursive) unpacker
-    out.append(b"\x00" + rng.randbytes(20) + b"\x91" * 3000 + b"\x90")
-    out.append(b"\x00" + rng.randbytes(20) + umsgpack.packb(["store", [b"x" * 20, b"k" * 20, b"v" * 9000]]))
-    out.append(b"\x01" + rng.randbytes(20) + umsgpack.packb([True, None]))  # reply to nothing
-    out += [b"\x00" + rng.randbytes(20) + rng.randbytes(rng.randint(0, 300)) for _ in range(150)]
-    out += [rng.randbytes(rng.randint(0, 1500)) for _ in range(150)]
-    return out
-
-
 async def test_garbage_datagrams_do_not_break_a_node(swarm: list[DhtNode], clients: list[DhtClient]) -> None:
     victim = swarm[3]
     peers_before = victim.peer_count()
     peer = await UdpPeer.open()
     try:
-        for i, datagram in enumerate(_garbage(random.Random(0), victim.node.id)):
+        for i, datagram in enumerate(garbage_datagrams(random.Random(0), victim.node.id)):
             peer.send(datagram, victim.port)
             if i % 20 == 19:
                 await peer.barrier(victim.port)  # the node has read everything so far: its buffer never overflows

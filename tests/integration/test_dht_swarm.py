@@ -26,7 +26,7 @@ from swarm.dht_client import DhtClient
 from swarm.errors import InvalidRequest
 from swarm.identity import Identity
 from swarm.records import ServerRecord
-from tests.integration.dht_support import HANG_S, ManualClock, UdpPeer, wait_until
+from tests.integration.dht_support import HANG_S, ManualClock, UdpPeer, fuzz_datagrams, wait_until
 
 T = TypeVar("T")
 MODEL = "swarm-test"
@@ -229,43 +229,13 @@ async def test_client_mode_queries_and_stores_but_is_never_a_contact() -> None:
         await stop_all([*nodes, client])
 
 
-def _fuzz_datagrams(rng: random.Random, count: int) -> list[bytes]:
-    """Garbage of every kind a public port sees: random bytes, bad msgpack, wrong rpc shapes and types,
-    oversized packets, forged and unsigned stores, and a store flood."""
-    junk: list[Any] = [None, True, 1, -1, 2**63, 1.5, float("nan"), "", "x" * 300, b"", b"\x00" * 20, [], {}, [[]],
-                       {"a": [b"v", 1e300]}, [b"k" * 20] * 300]  # fmt: skip
-    names = ["ping", "store", "find_node", "find_value", "stun", "nope", b"store", 7]
-    out: list[bytes] = []
-    for i in range(count):
-        kind = i % 6
-        msg_id = rng.randbytes(20)
-        if kind == 0:
-            out.append(rng.randbytes(rng.randint(0, 200)))
-        elif kind == 1:
-            out.append(b"\x00" + msg_id + rng.randbytes(rng.randint(1, 100)))
-        elif kind == 2:
-            args = [rng.choice(junk) for _ in range(rng.randint(0, 5))]
-            out.append(b"\x00" + msg_id + umsgpack.packb([rng.choice(names), args]))
-        elif kind == 3:
-            out.append(rng.choice([b"\x00", b"\x01"]) + msg_id + rng.randbytes(rng.choice([9000, 30000, 60000])))
-        elif kind == 4:  # stores that parse but must be refused: unsigned, wrong key name, bad signature
-            name = block_key(MODEL, rng.randint(0, 9))
-            entry = [b"{}", time.time() + 60, rng.randbytes(32), rng.randbytes(64)]
-            subkey = rng.randbytes(20).hex()
-            key = digest(name) if rng.random() < 0.7 else rng.randbytes(20)
-            out.append(b"\x00" + msg_id + umsgpack.packb(["store", [rng.randbytes(20), key, {subkey: entry}, name]]))
-        else:  # a reply nobody asked for
-            out.append(b"\x01" + msg_id + umsgpack.packb(rng.choice(junk)))
-    return out
-
-
 async def test_fuzzed_node_keeps_answering_and_storage_caps_hold() -> None:
     max_keys = 50
     nodes = await start_nodes(3, seed=5, ksize=3, rpc_timeout_s=2.0, max_keys=max_keys)
     target = nodes[1]
     fuzzer = await UdpPeer.open()
     try:
-        for i, data in enumerate(_fuzz_datagrams(random.Random(6), 6000)):
+        for i, data in enumerate(fuzz_datagrams(random.Random(6), 6000, MODEL)):
             fuzzer.send(data, target.port)
             if i % 20 == 19:
                 await fuzzer.barrier(target.port)  # everything so far was read: no fuzz lost in a full buffer
