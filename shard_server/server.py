@@ -40,11 +40,11 @@ from shard_server.servicer import ShardServicer
 from shard_server.throughput import Throughput
 from swarm.aio import TaskSet, install_signal_handlers, write_ready_file
 from swarm.blocks import BlockRange
-from swarm.dht_client import DhtClient, parse_peers
+from swarm.dht_client import DhtClient
 from swarm.errors import PollenError
 from swarm.identity import Identity
 from swarm.model_files import config_fingerprint, default_model_id
-from swarm.net import format_address
+from swarm.net import format_address, parse_addresses
 from swarm.records import ModelRecord, ServerRecord, ServerState
 from swarm.tensors import dtype_from_name
 
@@ -110,7 +110,7 @@ class ShardServer:
             self._dtype = dtype_from_name(cfg.dtype)
         except ValueError as e:
             raise startup.ConfigError(str(e)) from None
-        peers = parse_peers(",".join(cfg.initial_peers))
+        peers = parse_addresses(cfg.initial_peers)
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self._model_hash = config_fingerprint(info.path)
@@ -368,6 +368,10 @@ class ShardServer:
             return
         stopping.cancel()
         starting.result()  # re-raise a failed start
+        # What exists now (modules, weights, the server) lives as long as the process: keep the cyclic collector
+        # from walking it ever again (and turn it back on if the CLI turned it off for the start).
+        gc.freeze()
+        gc.enable()
         metrics = f" metrics port {self.metrics_port}" if self._metrics_http is not None else ""
         log.info("ready %.2f s after the process started", startup.process_age_s())
         sys.stdout.write(f"shard-server ready at {self.address} blocks {self.blocks}{metrics}\n")

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from client_sdk import SwarmClient
 from swarm.model_files import Checkpoint, default_model_id
-from swarm.models import ClientHead, family_for
+from swarm.models import ClientHead, load_family
 from swarm.pb import common_pb2, shard_pb2, shard_pb2_grpc
 from swarm.tensors import from_proto, to_proto
 from tests.launcher import Proc, SwarmProcesses
@@ -81,7 +81,7 @@ def swarm(request: pytest.FixtureRequest, dht: Proc, tmp_path_factory: pytest.Te
         for server in servers:
             procs.wait_ready(server)
         reference = AutoModelForCausalLM.from_pretrained(model).eval()
-        head = family_for(reference.config).load_head(Checkpoint(model))
+        head = load_family(model).load_head(Checkpoint(model))
         yield Swarm(request.param, dtype, dht, servers, model, default_model_id(model), reference, head)
     finally:
         if request.session.testsfailed > failed_before:

@@ -2,14 +2,16 @@
 
 The model: an 8-block Llama of ~0.9 GB in float32 (hidden 1536, 113 MB per block), written block by block into a
 sharded safetensors checkpoint (one file per block) so this test never holds more than one block either. A
-real `shard-server --blocks 2:4` process loads it (float32, and --quant int8), standalone, one torch thread.
+real `shard-server --blocks 2:4` process loads it (float32, and --quant int8), standalone, one torch thread,
+and runs one Forward (so that weights used in place from the checkpoint's memory map are resident).
 Its peak RSS (VmHWM in /proc/PID/status) minus the peak of a baseline server (one block of a tiny model:
-interpreter, torch, transformers, gRPC, bitsandbytes) must be at most the served blocks plus one
+interpreter, torch, gRPC, and bitsandbytes with --quant) must be at most the served blocks plus one
 full-precision block plus a fixed ALLOWANCE, i.e. well under the model's size (876 MiB).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -22,6 +24,10 @@ from transformers import LlamaConfig
 from shard_server.loader import inspect_model
 from shard_server.memory import block_bytes
 from swarm.blocks import BlockRange
+from swarm.model_files import default_model_id
+from swarm.net import open_channel
+from swarm.pb import shard_pb2, shard_pb2_grpc
+from swarm.tensors import to_proto
 from tests.launcher import Proc, SwarmProcesses
 
 pytestmark = pytest.mark.e2e
@@ -73,6 +79,23 @@ def peak_rss(proc: Proc) -> int:
     raise AssertionError("no VmHWM")
 
 
+def run_forward(proc: Proc, model: Path, hidden_size: int) -> None:
+    """One Forward through every served block: weights read zero-copy from the checkpoint's memory map become
+    resident only when used, so this is what makes them count in the RSS."""
+
+    async def call() -> None:
+        async with open_channel(proc.address) as channel:
+            stream = shard_pb2_grpc.ShardStub(channel).Forward()
+            request = shard_pb2.ForwardRequest(
+                model_id=default_model_id(model), hidden=to_proto(torch.randn(1, 4, hidden_size))
+            )
+            await stream.write(request)
+            await asyncio.wait_for(stream.read(), 120)
+            await stream.done_writing()
+
+    asyncio.run(call())
+
+
 def test_peak_rss_is_served_blocks_plus_one(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> None:
     pytest.importorskip("bitsandbytes")
     big = tmp_path_factory.mktemp("big-llama")
@@ -89,6 +112,9 @@ def test_peak_rss_is_served_blocks_plus_one(tmp_path_factory: pytest.TempPathFac
         baselines = {q: procs.start_server(tiny_llama, "0:1", [], *flags, "--quant", q, wait=False) for q in QUANTS}
         for proc in [*servers.values(), *baselines.values()]:
             procs.wait_ready(proc)
+        for q in QUANTS:
+            run_forward(servers[q], big, info.family.hidden_size)
+            run_forward(baselines[q], tiny_llama, 64)
         extra = {q: peak_rss(servers[q]) - peak_rss(baselines[q]) for q in QUANTS}
 
     for quant in QUANTS:

@@ -16,14 +16,13 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from client_sdk import SwarmClient
-from shard_server.loader import inspect_model, load_span
 from swarm import tensors
-from swarm.blocks import BlockRange
 from swarm.errors import MissingBlocks
-from swarm.model_files import Checkpoint
 from tests.launcher import BIN, Proc, SwarmProcesses
+from tests.reference import pre_norm_hidden
 
 pytestmark = pytest.mark.e2e
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'pollen-swarm[quant]')")
@@ -60,20 +59,18 @@ def swarm(tiny_llama: Path, request: pytest.FixtureRequest) -> Iterator[Swarm]:
 
 
 def emulate(model: Path, wire: torch.dtype) -> list[int]:
-    """Greedy tokens of the float32 blocks when hidden states are rounded to `wire` on every hop, as the client
-    (embeddings out), the server (reply) and the client again (logits in, after converting back) do it."""
-    info = inspect_model(str(model), BlockRange(0, 4))
-    span = load_span(info, BlockRange(0, 4), torch.device("cpu"), torch.float32, progress=False)
-    head = info.family.load_head(Checkpoint(info.path))
-    cache, feed, out = span.new_cache(), torch.tensor([PROMPT]), []
-    with torch.inference_mode():
+    """Greedy tokens of the float32 transformers model when hidden states are rounded to `wire` on every hop, as
+    the client (embeddings out), the server (reply) and the client again (logits in, after converting back) do
+    it. Rounding is per element, so recomputing the whole sequence each step equals the server's KV cache."""
+    reference = LlamaForCausalLM.from_pretrained(model).eval()
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
         for _ in range(NEW_TOKENS):
-            hidden = head.embed(feed).to(wire).float()  # client -> server in `wire`, server computes in float32
-            hidden = span(hidden, cache).to(wire).float()  # server -> client in `wire`, logits in float32
-            token = int(head.logits(hidden[:, -1:])[0, -1].argmax())
-            out.append(token)
-            feed = torch.tensor([[token]])
-    return out
+            embeds = reference.model.embed_tokens(ids).to(wire).float()  # client -> server in `wire`
+            hidden = pre_norm_hidden(reference, embeds)[:, -1:].to(wire).float()  # server -> client in `wire`
+            token = reference.lm_head(reference.model.norm(hidden)).argmax(-1)  # [1, 1]
+            ids = torch.cat([ids, token], dim=1)
+    return ids[0, len(PROMPT) :].tolist()
 
 
 def test_announcements_carry_dtype_and_quant(swarm: Swarm) -> None:

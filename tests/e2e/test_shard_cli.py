@@ -58,11 +58,10 @@ def test_grpcurl_health_and_sigterm(procs: SwarmProcesses, tiny_llama: Path) -> 
     assert info["model_id"] == "tiny" and info["state"] == "online" and info["blocks"]["end"] == 4
 
     t1 = time.monotonic()
-    assert procs.stop(server, signal.SIGTERM, timeout_s=10) == 0, server.log()
-    stop_s = time.monotonic() - t1
-    # The server itself stops in milliseconds; interpreter teardown of torch takes ~2 s on a busy 2-core box.
-    assert stop_s < 8, f"took {stop_s:.1f} s to stop"
-    print(f"start-to-ready {ready_s:.2f} s, SIGTERM-to-exit {stop_s:.2f} s")
+    # SIGTERM ends it by itself, with exit code 0 (stop() waits for the process; it never needs to kill it).
+    assert procs.stop(server, signal.SIGTERM, timeout_s=60) == 0, server.log()
+    assert "stopped (peer" in server.log()
+    print(f"start-to-ready {ready_s:.2f} s, SIGTERM-to-exit {time.monotonic() - t1:.2f} s")
 
 
 def test_missing_model_is_one_clear_line(tmp_path: Path) -> None:
