@@ -159,9 +159,8 @@ class InferenceSession:
                 continue
             # A replacement server (its cache behind the session's) gets its span's whole history at once.
             inp = x if stream.position == self.position else stream.replay(x, full)
-            hops = [s.hop() for s in self.streams[i + 1 :]] if push else []
             try:
-                out = await self._span_step(i, inp, hops, pushed=push and i > 0)
+                out = await self._span_step(i, inp, push)
             except SpanError as e:
                 e.stream.error = e
                 push = False
@@ -172,12 +171,14 @@ class InferenceSession:
         self.position += n
         return x.hidden
 
-    async def _span_step(self, i: int, inp: StepInput, hops: list[shard_pb2.NextHop], pushed: bool) -> torch.Tensor:
-        """One span's share of a step: deliver `inp` to stream i (unless the previous server pushed it there),
-        read and check the reply, record `inp` in the span's history. Returns the output [batch, tokens, hidden].
-        `hops` (the rest of the chain) makes the server push its output on to the next server."""
+    async def _span_step(self, i: int, inp: StepInput, push: bool) -> torch.Tensor:
+        """One span's share of a step: deliver `inp` to stream i, read and check the reply, record `inp` in the
+        span's history. Returns the output [batch, tokens, hidden]. With `push`, the client writes to the first
+        server only, naming the rest of the chain (each server pushes its output on to the next), and writes to
+        a later one only if the push to it failed."""
         stream = self.streams[i]
-        if not pushed or not await self._push_arrives(i, inp.step_id):
+        if not (push and i > 0) or not await self._push_arrives(i, inp.step_id):
+            hops = [s.hop() for s in self.streams[i + 1 :]] if push else []
             await stream.write(step_request(inp, hops))  # a server ignores a step_id it already got pushed
         reply = await stream.read_step(inp.step_id, self.step_timeout_s)
         out = stream.decode(reply, inp)
