@@ -127,7 +127,7 @@ class Scheduler:
         """Fail everything still queued and let the worker exit after its current item."""
         with self._cond:
             self._closed = True
-            pending = [*self._control, *self._steps, *self._training]
+            pending: list[_Job | PendingStep] = [*self._control, *self._steps, *self._training]
             self._control.clear()
             self._steps.clear()
             self._training.clear()

@@ -5,11 +5,12 @@ start():  check model (config.json only) → choose blocks (pinned, or from the 
           budget from a real cache's bytes per token → throughput (--throughput, cached file, or measured and
           cached) → announce ONLINE (the first store must succeed) → health SERVING → background loops (announce,
           idle sessions, peer RTTs, rebalancing when the blocks were not pinned).
-move_to(): health NOT_SERVING, announce DRAINING, refuse new sessions, let running ones finish (bounded), close
-          the rest, announce the old blocks OFFLINE, unload, load the new blocks (the old ones again if that
-          fails), announce ONLINE, health SERVING (see rebalancer.py for when).
-stop():   health NOT_SERVING → refuse new sessions → announce OFFLINE while running sessions drain (bounded)
-          → stop gRPC (cancels what is left) → close the DHT client, peer channels and /metrics → stop the worker.
+move_to(): health NOT_SERVING → refuse new sessions → announce DRAINING → let running sessions finish (bounded),
+          close the rest → announce the old blocks OFFLINE → unload → load the new blocks (the old ones again if
+          that fails) → announce ONLINE → health SERVING (see rebalancer.py for when).
+stop():   health NOT_SERVING → refuse new sessions, stop the background loops → announce OFFLINE while running
+          sessions drain (bounded) → stop gRPC (cancels what is left) → close the DHT client, peer channels and
+          /metrics → stop the worker.
 """
 
 from __future__ import annotations
