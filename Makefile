@@ -29,11 +29,11 @@ proto-check: $(STAMP)
 	$(PY) scripts/check_proto.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check swarm shard_server client_sdk dht_node tests bench scripts
-	$(VENV)/bin/ruff format --check swarm shard_server client_sdk dht_node tests bench scripts
+	$(VENV)/bin/ruff check swarm shard_server client_sdk dht_node gateway tests bench scripts
+	$(VENV)/bin/ruff format --check swarm shard_server client_sdk dht_node gateway tests bench scripts
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy swarm client_sdk
+	$(VENV)/bin/mypy swarm client_sdk gateway
 
 import-check: $(STAMP)
 	$(PY) scripts/check_imports.py

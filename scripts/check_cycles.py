@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("swarm", "dht_node", "shard_server", "client_sdk")
+PACKAGES = ("swarm", "dht_node", "shard_server", "client_sdk", "gateway")
 
 
 def module_name(path: Path, root: Path) -> str:

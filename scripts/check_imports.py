@@ -1,4 +1,6 @@
-"""Architecture check: the three role packages import only `swarm` (and third-party code), never each other.
+"""Architecture check: the three role packages import only `swarm` (and third-party code), never each other;
+the front end (`gateway`: the gateway process and the `pollen` CLI) imports only `client_sdk` and `swarm`, and
+nothing imports the front end.
 
 Reads every module's imports with `ast` (static: also catches imports inside functions).
 """
@@ -11,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLES = ("dht_node", "shard_server", "client_sdk")
+FRONT_END = "gateway"
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -30,13 +33,20 @@ def main() -> int:
         for path in sorted((ROOT / role).rglob("*.py")):
             for other in imported_packages(path) & (set(ROLES) - {role}):
                 problems.append(f"{path.relative_to(ROOT)} imports {other} (role packages may import only swarm)")
+    for path in sorted((ROOT / FRONT_END).rglob("*.py")):
+        for other in imported_packages(path) & {"dht_node", "shard_server"}:
+            problems.append(f"{path.relative_to(ROOT)} imports {other} (the front end may import client_sdk and swarm)")
+    for role in (*ROLES, "swarm"):
+        for path in sorted((ROOT / role).rglob("*.py")):
+            if FRONT_END in imported_packages(path):
+                problems.append(f"{path.relative_to(ROOT)} imports {FRONT_END} (nothing may depend on the front end)")
     for path in sorted((ROOT / "swarm").rglob("*.py")):
         for other in imported_packages(path) & set(ROLES):
             problems.append(f"{path.relative_to(ROOT)} imports {other} (swarm must not depend on a role package)")
     for line in problems:
         print(line, file=sys.stderr)
     if not problems:
-        print("imports ok: dht_node, shard_server and client_sdk depend only on swarm")
+        print("imports ok: roles depend only on swarm; the front end only on client_sdk and swarm")
     return 1 if problems else 0
 
 
