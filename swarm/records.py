@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Annotated, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -54,6 +54,9 @@ class ServerRecord(BaseModel):
     quant: str = Field(default="none", max_length=16)
     version: str = Field(default="", max_length=32)
     next_rtts_ms: dict[str, float] = Field(default_factory=dict, max_length=64)
+    adapters: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=32, description="LoRA adapters held for these blocks, by name"
+    )
     updated_at: float = Field(default_factory=time.time)
 
     @model_validator(mode="after")
