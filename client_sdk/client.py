@@ -204,18 +204,14 @@ class AsyncSwarmClient:
         pad = pad_id if pad_id is not None else (eos[0] if eos else 0)
         batch, prompt_len = ids.shape
         finished = torch.zeros(batch, dtype=torch.bool)
-        head = self.local.head
         if max_new_tokens == 0:
             return
         session = self.active_session = await self.open_session(prompt_len + max_new_tokens, batch)
         try:
             feed = ids  # the prompt first, then one token per step; failovers happen inside session.step
             for produced in range(max_new_tokens):
+                logits = await self.next_logits(session, feed)  # [batch, vocab]
                 with torch.inference_mode():
-                    hidden = head.embed(feed).to(self.wire_dtype)  # [batch, seq, hidden]
-                hidden = await session.step(hidden)
-                with torch.inference_mode():
-                    logits = head.logits(hidden[:, -1:].to(self.local.dtype))[:, -1]  # [batch, vocab]
                     if eos and produced < min_new_tokens:
                         logits[:, eos] = float("-inf")  # as transformers' MinNewTokensLengthLogitsProcessor
                     token = sample(logits, params, generator)  # [batch]
@@ -229,6 +225,22 @@ class AsyncSwarmClient:
         finally:
             self.last_failovers = session.failovers
             await session.close()
+
+    async def next_logits(
+        self,
+        session: InferenceSession,
+        ids: torch.Tensor,  # [batch, new_tokens] int64
+    ) -> torch.Tensor:  # [batch, vocab] in the local dtype
+        """Append `ids` to `session` (embedded locally, run through the servers, which keep their KV caches) and
+        return the next-token logits after the last of them: the one step of every generate loop. A session from
+        `open_session` kept across calls continues a conversation where the previous call stopped (multi-turn
+        chat, stop sequences, custom sampling all live in the caller's loop)."""
+        head = self.local.head
+        with torch.inference_mode():
+            hidden = head.embed(ids).to(self.wire_dtype)  # [batch, new_tokens, hidden]
+        hidden = await session.step(hidden)  # failovers happen inside
+        with torch.inference_mode():
+            return head.logits(hidden[:, -1:].to(self.local.dtype))[:, -1]  # [batch, vocab]
 
     def router(self, max_length: int = 0, batch: int = 1) -> SessionRouter:
         """How sessions re-route: the view's cheapest chain for the lost blocks, waiting for joiners."""
