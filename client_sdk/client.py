@@ -27,6 +27,7 @@ from client_sdk.routing import RouteCosts, Span, missing_ranges
 from client_sdk.sampling import SamplingParams, make_generator, sample
 from client_sdk.session import Failover, InferenceSession, SessionRouter
 from client_sdk.transport import ChannelPool
+from client_sdk.tuning import Tuning
 from swarm.aio import TaskSet
 from swarm.errors import InvalidRequest
 
@@ -91,6 +92,7 @@ class AsyncSwarmClient:
             max_ban_s=cfg.max_ban_s,
             rtt_ema_alpha=cfg.rtt_ema_alpha,
             min_precision=cfg.min_precision,
+            adapter=cfg.active_adapter or "",
         )
         # Hidden states travel in this dtype (servers reply in it); logits are computed in the local dtype.
         self.wire_dtype = getattr(torch, cfg.wire_dtype) if cfg.wire_dtype else self.local.dtype
@@ -255,8 +257,9 @@ class AsyncSwarmClient:
     def _costs(self, max_length: int, batch: int) -> RouteCosts:
         return RouteCosts(rtts_ms=self.view.rtts_ms, push=self.config.use_push, cache_tokens_needed=max_length * batch)
 
-    async def open_session(self, max_length: int, batch: int = 1) -> InferenceSession:
-        """An open InferenceSession over the cheapest chain for `max_length` tokens of `batch` rows."""
+    async def open_session(self, max_length: int, batch: int = 1, tuning: Tuning | None = None) -> InferenceSession:
+        """An open InferenceSession over the cheapest chain for `max_length` tokens of `batch` rows (`tuning`:
+        a server-held adapter and/or client LoRA for the whole session)."""
         cfg = self.config
         route = await self.view.wait_route(
             0,
@@ -283,6 +286,7 @@ class AsyncSwarmClient:
             router=self.router(max_length, batch),
             max_retries=cfg.max_retries,
             push=cfg.use_push,
+            tuning=tuning,
         )
         await session.open()
         return session

@@ -27,6 +27,9 @@ class ClientConfig:
     max_pinged: int = 16  # servers probed per refresh (the ones not measured yet first)
     rtt_ema_alpha: float = 0.3  # weight of a new RTT sample in the smoothed value
     missing_blocks_wait_s: float = 0.0  # wait this long for a server to join before "no server holds ..."
+    # Forward/Backward: a batch is cut into parts of whole rows of at most this many tokens, run concurrently
+    # over throughput-weighted routes (servers announcing a lower --max-batch-size get smaller parts).
+    max_tokens_per_call: int = 1024
     use_push: bool = True  # servers forward hidden states to the next server of the chain themselves
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # dtype of hidden states on the wire: "float32", "float16" or "bfloat16" (None: the local head's dtype).
@@ -34,10 +37,14 @@ class ClientConfig:
     wire_dtype: str | None = None
     # Use only servers with at least this precision: float32 > float16 = bfloat16 > int8 > nf4 (None: any).
     min_precision: str | None = None
+    # Route only through servers that hold this LoRA adapter (`shard-server --adapters`), and apply it (None: none).
+    active_adapter: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if self.max_tokens_per_call < 1:
+            raise ValueError("max_tokens_per_call must be >= 1")
         for name in ("dht_timeout_s", "open_timeout_s", "step_timeout_s", "forward_timeout_s", "ping_timeout_s"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name} must be a finite positive number of seconds")

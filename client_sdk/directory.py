@@ -62,12 +62,14 @@ def decode_block_records(
     now: float,
     first_block: int = 0,
     min_precision: str | None = None,
+    adapter: str = "",
 ) -> BlockRecords:
     """Keep records that are trustworthy, well-formed, unexpired, ONLINE, for this model and cover their block.
 
     `raw[i]` is the DHT record of block `first_block + i`. Signatures, schema, expiry, model and block are
     checked by swarm.records.decode_server_records; this adds the client's policy (state, model hash,
-    precision). Peers can write anything, so every way a record can be unusable is only logged at debug level.
+    precision, the adapter a client asks for). Peers can write anything, so every way a record can be unusable
+    is only logged at debug level.
     """
     out = BlockRecords(per_block=[{} for _ in raw])
     for i, entries in enumerate(raw):
@@ -75,7 +77,7 @@ def decode_block_records(
         for peer_id, record in decode_server_records(
             block_key(model_id, block), entries, now, skipped=out.skipped
         ).items():
-            reason = _skip_reason(record, model_hash, min_precision)
+            reason = _skip_reason(record, model_hash, min_precision, adapter)
             if reason:
                 out.skipped[reason] += 1
                 log.debug("skip record of %s for block %d: %s", peer_id[:16], block, reason)
@@ -86,7 +88,7 @@ def decode_block_records(
     return out
 
 
-def _skip_reason(record: ServerRecord, model_hash: str, min_precision: str | None = None) -> str:
+def _skip_reason(record: ServerRecord, model_hash: str, min_precision: str | None = None, adapter: str = "") -> str:
     """Why the client does not use a valid record, or "" if it does."""
     if record.state != ServerState.ONLINE:
         return f"state {record.state.value}"
@@ -94,6 +96,8 @@ def _skip_reason(record: ServerRecord, model_hash: str, min_precision: str | Non
         return "model_hash mismatch"
     if min_precision and PRECISION_RANK.get(record_precision(record), 0) < PRECISION_RANK[min_precision]:
         return f"precision {record_precision(record)} below min_precision {min_precision}"
+    if adapter and adapter not in record.adapters:
+        return f"lacks adapter {adapter}"
     return ""
 
 
@@ -112,8 +116,10 @@ class SwarmView:
         max_ban_s: float = 300.0,
         rtt_ema_alpha: float = 0.3,
         min_precision: str | None = None,
+        adapter: str = "",
     ) -> None:
         check_precision(min_precision)
+        self.adapter = adapter  # route only through servers holding this LoRA adapter ("" = any server)
         self.min_precision = min_precision  # servers announcing a lower precision are not used (see above)
         self.dht = dht
         self.model_id = model_id
@@ -146,7 +152,9 @@ class SwarmView:
         # signatures are checked in decode_block_records too: a dht-node we asked may be the one lying
         raw = await self.dht.batch_get(keys)
         now = self._clock()
-        self.records = decode_block_records(raw, self.model_id, self.model_hash, now, min_precision=self.min_precision)
+        self.records = decode_block_records(
+            raw, self.model_id, self.model_hash, now, min_precision=self.min_precision, adapter=self.adapter
+        )
         self.updated_at = now
         if self.records.skipped:
             log.debug("DHT refresh skipped records: %s", dict(self.records.skipped))
@@ -238,6 +246,8 @@ class SwarmView:
                 )
                 mismatch.retryable = False  # our own files differ: re-reading the DHT will not help
                 raise mismatch from e
+            if self.adapter and self.records.skipped[f"lacks adapter {self.adapter}"]:
+                raise MissingBlocks(f"{e}; no server holding adapter {self.adapter!r} serves them") from e
             below = sum(n for reason, n in self.records.skipped.items() if reason.startswith("precision "))
             if below:
                 raise MissingBlocks(

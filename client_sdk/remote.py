@@ -1,6 +1,14 @@
 """Stateless calls through a chain of remote blocks: Forward (hidden states, no session) and Backward
-(gradients w.r.t. a span's inputs; the server recomputes its forward). Routes use the `max_throughput`
-mode, so batches spread over the servers; a failed span is re-routed and re-run, up to `max_retries`.
+(gradients w.r.t. a span's inputs and its tuning; the server recomputes its forward, nothing is kept between
+calls).
+
+A batch is cut into parts of whole rows, each at most `max_tokens_per_call` tokens (and at most what the servers
+announce they take); the parts run concurrently, each over its own `max_throughput` route, so a large batch
+spreads over the replicas of every block and the servers of a chain work on different parts at once.
+`forward` returns a `ForwardTrace` (which server ran which hop of which part, with the hop's input); `backward`
+walks it in reverse. A hop whose server fails is re-run elsewhere: Forward re-routes from the failed block;
+Backward re-runs the exact hop on another server holding all of it or, if none does, re-runs the forward over
+pieces of the hop and goes back through them, so the gradients stay exact. Up to `max_retries` per hop.
 """
 
 from __future__ import annotations
@@ -8,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -16,7 +25,8 @@ import torch
 from client_sdk.routing import Span
 from client_sdk.span_stream import bad_reply
 from client_sdk.transport import ChannelPool, rpc_error
-from swarm.errors import PollenError, StepTimeout
+from client_sdk.tuning import FLOATS, Tuning, TuningGrads, decode_grads
+from swarm.errors import InvalidRequest, PollenError, StepTimeout
 from swarm.pb import common_pb2, shard_pb2
 from swarm.tensors import from_proto, to_proto
 
@@ -26,7 +36,30 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SpanInputs = list[tuple[int, int, torch.Tensor]]  # (start, end, input [batch, seq, hidden]) per hop
+
+@dataclass(frozen=True)
+class Hop:
+    span: Span  # the server that ran blocks [span.start, span.end) of this part's forward
+    hidden: torch.Tensor  # the hop's input [rows, seq, hidden]
+
+
+@dataclass(frozen=True)
+class Part:
+    rows: slice  # rows of the batch
+    hops: list[Hop]
+    mask: torch.Tensor | None  # [rows, seq]
+    tuning: Tuning | None  # the call's tuning for these rows
+
+
+@dataclass(frozen=True)
+class ForwardTrace:
+    """What Backward needs from a Forward call: every part's hops and inputs."""
+
+    start: int
+    end: int
+    shape: torch.Size  # of the output [batch, seq, hidden]
+    parts: list[Part]
+    tuning: Tuning | None
 
 
 class RemoteCalls:
@@ -42,107 +75,198 @@ class RemoteCalls:
         attention_mask: torch.Tensor | None = None,  # [batch, seq]
         start: int = 0,
         end: int | None = None,
-    ) -> tuple[torch.Tensor, SpanInputs]:  # output [batch, seq, hidden], inputs of every hop (for backward)
+        tuning: Tuning | None = None,  # over exactly [start, end)
+    ) -> tuple[torch.Tensor, ForwardTrace]:  # output [batch, seq, hidden], and the trace for backward
         end = self.view.num_blocks if end is None else end
-        inputs: SpanInputs = []
-        block = start
-        while block < end:
-            out, stop = await self._with_retries(block, end, "forward", hidden, None, attention_mask)
-            inputs.append((block, stop, hidden))
-            hidden, block = out, stop
-        return hidden, inputs
+        self._check_call(hidden, attention_mask, start, end, tuning)
+        batch, seq = hidden.shape[:2]
+        step = self._rows_per_part(seq, start, end)
+        parts = [(a, min(a + step, batch)) for a in range(0, batch, step)]
+
+        async def run(a: int, b: int) -> tuple[torch.Tensor, Part]:
+            mask = None if attention_mask is None else attention_mask[a:b]
+            part_tuning = None if tuning is None else tuning.rows(a, b)
+            out, hops = await self._forward_hops(hidden[a:b], mask, start, end, part_tuning)
+            return out, Part(slice(a, b), hops, mask, part_tuning)
+
+        results = await asyncio.gather(*(run(a, b) for a, b in parts))
+        out = results[0][0] if len(results) == 1 else torch.cat([r[0] for r in results])
+        return out, ForwardTrace(start, end, out.shape, [r[1] for r in results], tuning)
 
     async def backward(
-        self,
-        grad_output: torch.Tensor,  # [batch, seq, hidden] dLoss/d(output of the last hop)
-        inputs: SpanInputs,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # dLoss/d(input of the first hop)
-        grad = grad_output
-        for start, end, hidden in reversed(inputs):
-            grad = await self._exact(start, end, "backward", hidden, grad, attention_mask)
-        return grad
+        self, grad_output: torch.Tensor, trace: ForwardTrace
+    ) -> tuple[torch.Tensor, TuningGrads | None]:  # dLoss/d(input of the first hop), dLoss/d(tuning)
+        if grad_output.shape != trace.shape:
+            raise InvalidRequest(f"grad_output has shape {list(grad_output.shape)}, the output {list(trace.shape)}")
+        if grad_output.dtype not in FLOATS:
+            raise InvalidRequest(f"grad_output must be a float tensor, got {grad_output.dtype}")
+        tuning = trace.tuning
+        grads = TuningGrads.zeros(tuning) if tuning is not None else None
 
-    async def _exact(
-        self,
-        start: int,
-        end: int,
-        kind: str,
-        hidden: torch.Tensor,
-        grad: torch.Tensor | None,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """One call over exactly [start, end) (backward needs the hop the inputs belong to)."""
-        out, stop = await self._with_retries(start, end, kind, hidden, grad, mask, exact=True)
-        assert stop == end
-        return out
+        async def run(part: Part) -> torch.Tensor:
+            grad = grad_output[part.rows]
+            for hop in reversed(part.hops):
+                grad, hop_grads = await self._backward_hop(hop, grad, part.mask, part.tuning)
+                if grads is not None and tuning is not None:
+                    grads.add_span(tuning, hop.span.start, hop.span.end, hop_grads, part.rows)
+            return grad
 
-    async def _with_retries(
-        self,
-        start: int,
-        end: int,
-        kind: str,
-        hidden: torch.Tensor,
-        grad: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        exact: bool = False,
-    ) -> tuple[torch.Tensor, int]:
-        """Run the first hop of a throughput-weighted route for [start, end); returns (result, hop end)."""
+        results = await asyncio.gather(*(run(part) for part in trace.parts))
+        return (results[0] if len(results) == 1 else torch.cat(results)), grads
+
+    # ---- checks and splitting ----------------------------------------------------------------------------
+
+    def _check_call(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, start: int, end: int, tuning: Tuning | None
+    ) -> None:
+        """Wrong input fails here, before anything is sent."""
+        if not 0 <= start < end <= self.view.num_blocks:
+            raise InvalidRequest(f"block range {start}:{end} is outside the model's {self.view.num_blocks} blocks")
+        if hidden.dim() != 3 or 0 in hidden.shape or hidden.dtype not in FLOATS:
+            raise InvalidRequest(
+                f"hidden states must be a float [batch, seq, hidden] tensor, got {hidden.dtype} {list(hidden.shape)}"
+            )
+        if mask is not None and tuple(mask.shape) != tuple(hidden.shape[:2]):
+            raise InvalidRequest(f"attention_mask must have shape {list(hidden.shape[:2])}, got {list(mask.shape)}")
+        if tuning is not None:
+            if (tuning.start, tuning.end) != (start, end):
+                raise InvalidRequest(f"tuning covers blocks {tuning.start}:{tuning.end}, the call {start}:{end}")
+            tuning.check_input(hidden)
+
+    def _rows_per_part(self, seq: int, start: int, end: int) -> int:
+        """Rows per part: at most `max_tokens_per_call` tokens, and what the servers of [start, end) take."""
+        limit = self.config.max_tokens_per_call
+        for r in self.view.records.servers():
+            announced = getattr(r, "max_batch_tokens", 0)  # a server's --max-batch-size, when announced
+            if r.start < end and start < r.end and announced:
+                limit = min(limit, int(announced))
+        if seq > limit:
+            raise InvalidRequest(
+                f"a sequence of {seq} tokens is over the {limit} tokens a Forward/Backward call may carry; "
+                "use shorter sequences"
+            )
+        return max(1, limit // seq)
+
+    # ---- forward -------------------------------------------------------------------------------------------
+
+    async def _forward_hops(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, start: int, end: int, tuning: Tuning | None
+    ) -> tuple[torch.Tensor, list[Hop]]:
+        """One part through [start, end), hop by hop over throughput-weighted routes."""
+        hops: list[Hop] = []
+        block = start
+        cfg = self.config
+        while block < end:
+            attempt = 0
+            while True:
+                route = await self.view.wait_route(
+                    block, end, mode="max_throughput", wait_s=cfg.missing_blocks_wait_s, max_age_s=cfg.max_view_age_s
+                )
+                span = route[0]
+                try:
+                    out, _ = await self._call(span, hidden, None, mask, tuning)
+                    break
+                except PollenError as e:
+                    attempt = await self._failed(span, "forward", e, attempt)
+            hops.append(Hop(span, hidden))
+            hidden, block = out, span.end
+        return hidden, hops
+
+    # ---- backward ------------------------------------------------------------------------------------------
+
+    async def _backward_hop(
+        self, hop: Hop, grad: torch.Tensor, mask: torch.Tensor | None, tuning: Tuning | None
+    ) -> tuple[torch.Tensor, TuningGrads]:
+        """Backward over exactly the hop's blocks: on the server that ran its forward, else on another one
+        holding all of them, else over pieces (their forward is re-run first)."""
+        start, end = hop.span.start, hop.span.end
         cfg = self.config
         attempt = 0
+        span: Span | None = hop.span
         while True:
-            route = await self.view.wait_route(
-                start, end, mode="max_throughput", wait_s=cfg.missing_blocks_wait_s, max_age_s=cfg.max_view_age_s
-            )
-            span = route[0]
-            if exact and span.end != end:  # prefer one server holding the whole hop
-                whole = [r for r in self.view.records.servers() if r.start <= start and end <= r.end]
-                whole = [r for r in whole if r.peer_id not in self.view.banned()]
-                if whole:
-                    r = max(whole, key=lambda r: r.throughput_tps)
-                    span = Span(r.peer_id, r.address, start, end, r)
-                else:
-                    return await self._split_backward(start, end, hidden, grad, mask), end
+            if span is None or span.peer_id in self.view.banned():
+                await self.view.wait_route(
+                    start, end, mode="max_throughput", wait_s=cfg.missing_blocks_wait_s, max_age_s=cfg.max_view_age_s
+                )
+                span = self._whole_span(start, end)
+            if span is None:
+                return await self._split_backward(start, end, hop.hidden, grad, mask, tuning)
             try:
-                return await self._call(span, kind, hidden, grad, mask), span.end
+                out, grads = await self._call(span, hop.hidden, grad, mask, tuning)
+                return out, grads
             except PollenError as e:
-                if not e.retryable or attempt >= cfg.max_retries:
-                    raise
-                attempt += 1
-                self.view.ban(span.peer_id)
-                log.warning("%s on %s failed (%s); retry %d/%d", kind, span, e, attempt, cfg.max_retries)
-                await asyncio.sleep(cfg.backoff_s(attempt))
+                attempt = await self._failed(span, "backward", e, attempt)
+                span = None
+
+    def _whole_span(self, start: int, end: int) -> Span | None:
+        """The fastest live, unbanned server that holds all of [start, end), or None."""
+        banned = self.view.banned()
+        records = self.view.records.servers()
+        whole = [r for r in records if r.start <= start and end <= r.end and r.peer_id not in banned]
+        if not whole:
+            return None
+        r = max(whole, key=lambda r: r.throughput_tps / (1 + r.queued_requests))
+        return Span(r.peer_id, r.address, start, end, r)
 
     async def _split_backward(
-        self, start: int, end: int, hidden: torch.Tensor, grad: torch.Tensor | None, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Backward over [start, end) when no single live server holds it: forward the pieces, then back."""
-        assert grad is not None
-        _, pieces = await self.forward(hidden, mask, start, end)
-        for a, b, x_in in reversed(pieces):
-            grad = await self._exact(a, b, "backward", x_in, grad, mask)
-        return grad
+        self,
+        start: int,
+        end: int,
+        hidden: torch.Tensor,
+        grad: torch.Tensor,
+        mask: torch.Tensor | None,
+        tuning: Tuning | None,
+    ) -> tuple[torch.Tensor, TuningGrads]:
+        """Backward over [start, end) when no live server holds all of it: forward the pieces, then back."""
+        _, pieces = await self._forward_hops(hidden, mask, start, end, tuning)
+        prompts: list[torch.Tensor] = []
+        lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for piece in reversed(pieces):
+            grad, piece_grads = await self._backward_hop(piece, grad, mask, tuning)
+            if piece_grads.prompts is not None:
+                prompts.insert(0, piece_grads.prompts)  # pieces go backwards; prompts are in block order
+            lora.update(piece_grads.lora)
+        return grad, TuningGrads(torch.cat(prompts) if prompts else None, lora)
+
+    # ---- one call ------------------------------------------------------------------------------------------
+
+    async def _failed(self, span: Span, kind: str, error: PollenError, attempt: int) -> int:
+        """After a failed call: raise if it cannot be retried, else ban the server, back off, count."""
+        cfg = self.config
+        if not error.retryable or attempt >= cfg.max_retries:
+            raise error
+        attempt += 1
+        self.view.ban(span.peer_id)
+        log.warning("%s on %s failed (%s); retry %d/%d", kind, span, error, attempt, cfg.max_retries)
+        await asyncio.sleep(cfg.backoff_s(attempt))
+        return attempt
 
     async def _call(
-        self, span: Span, kind: str, hidden: torch.Tensor, grad: torch.Tensor | None, mask: torch.Tensor | None
-    ) -> torch.Tensor:
+        self,
+        span: Span,
+        hidden: torch.Tensor,  # [batch, seq, hidden]
+        grad: torch.Tensor | None,  # None: Forward; else Backward with this dLoss/d(output)
+        mask: torch.Tensor | None,
+        tuning: Tuning | None,
+    ) -> tuple[torch.Tensor, TuningGrads]:  # output (Forward) or grad_input (Backward), tuning grads (Backward)
+        kind = "forward" if grad is None else "backward"
         blocks = common_pb2.BlockRange(start=span.start, end=span.end)
-        mask_msg = to_proto(mask) if mask is not None else None
-        rid = uuid.uuid4().hex
         stub = self.pool.shard(span.address)
         request: Any
-        if kind == "forward":
+        if grad is None:
             request = shard_pb2.ForwardRequest(model_id=self.model_id, blocks=blocks, hidden=to_proto(hidden))
             call = stub.Forward()
         else:
-            assert grad is not None
+            grad_output = to_proto(grad.to(hidden.dtype))
             request = shard_pb2.BackwardRequest(
-                model_id=self.model_id, blocks=blocks, hidden=to_proto(hidden), grad_output=to_proto(grad)
+                model_id=self.model_id, blocks=blocks, hidden=to_proto(hidden), grad_output=grad_output
             )
             call = stub.Backward()
-        request.request_id = rid
-        if mask_msg is not None:
-            request.attention_mask.CopyFrom(mask_msg)
+        request.request_id = uuid.uuid4().hex
+        if mask is not None:
+            request.attention_mask.CopyFrom(to_proto(mask))
+        if tuning is not None and not tuning.empty:
+            request.tuning.CopyFrom(tuning.for_span(span.start, span.end, hidden.dtype))
         try:
             async with asyncio.timeout(self.config.forward_timeout_s):
                 await call.write(request)
@@ -156,10 +280,13 @@ class RemoteCalls:
         if reply is grpc.aio.EOF:
             raise bad_reply(span, f"ended the {kind} stream without a reply")
         try:
-            out = from_proto(reply.hidden if kind == "forward" else reply.grad_input, f"{kind} reply")
+            out = from_proto(reply.hidden if grad is None else reply.grad_input, f"{kind} reply")
         except PollenError as e:
             raise bad_reply(span, f"sent a corrupt tensor: {e}") from e
         if out.shape != hidden.shape:
             raise bad_reply(span, f"returned shape {list(out.shape)} for input {list(hidden.shape)}")
+        grads = TuningGrads()
+        if grad is not None and tuning is not None:
+            grads = decode_grads(reply, tuning, span.start, span.end, str(span))
         self.view.mark_ok(span.peer_id)
-        return out
+        return out, grads

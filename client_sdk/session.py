@@ -28,6 +28,7 @@ import torch
 from client_sdk.routing import Span
 from client_sdk.span_stream import SpanError, SpanStream, StepInput, bad_reply, consolidate
 from client_sdk.transport import ChannelPool
+from client_sdk.tuning import Tuning
 from swarm.pb import shard_pb2
 from swarm.tensors import to_proto
 
@@ -70,6 +71,7 @@ class InferenceSession:
         router: SessionRouter | None = None,
         max_retries: int = 0,
         push: bool = False,
+        tuning: Tuning | None = None,
     ) -> None:
         if not route:
             raise ValueError("an inference session needs at least one span")
@@ -84,6 +86,7 @@ class InferenceSession:
         self.router = router
         self.max_retries = max_retries
         self.push = push
+        self.tuning = tuning  # adapter and client LoRA, sent to every span at open (its blocks' share)
         self.streams: list[SpanStream] = []
         self.position = 0  # tokens processed by every span
         self.failovers: list[Failover] = []
@@ -122,21 +125,25 @@ class InferenceSession:
         log.debug("session %s opened on %s", self.session_id, " -> ".join(map(str, self.spans)))
 
     async def _open(self, span: Span) -> SpanStream:
+        tuning = None if self.tuning is None else self.tuning.for_span(span.start, span.end, prompts=False)
         return await SpanStream.open(
-            self.pool, span, self.model_id, self.session_id, self.max_length, self.batch_size, self.open_timeout_s
-        )
+            self.pool, span, self.model_id, self.session_id, self.max_length, self.batch_size, self.open_timeout_s,
+            tuning,
+        )  # fmt: skip
 
     async def step(
         self,
         hidden: torch.Tensor,  # [batch, new_tokens, hidden]
         attention_mask: torch.Tensor | None = None,  # [batch, position + new_tokens]
         hypo_ids: torch.Tensor | None = None,  # int64 [batch]: beam search reorders cache rows first
+        prompts: torch.Tensor | None = None,  # deep prompts [num_blocks, batch or 1, pre_seq_len, hidden] (prefill)
     ) -> torch.Tensor:  # [batch, new_tokens, hidden]
         """Run `hidden` through every span in order (the hot path), recovering from failed servers.
 
         Each span gets the previous span's output. With push, the client writes to the first server only and
         reads every server's reply; otherwise (or once something failed in this step) it writes each span's
-        input itself. Either way each span goes through `_span_step`.
+        input itself. Either way each span goes through `_span_step`. A step with deep prompts is never pushed:
+        the prompts differ per span, and a pushed step carries none.
         """
         if not self.streams:
             raise RuntimeError("session is not open (or was closed)")
@@ -146,8 +153,8 @@ class InferenceSession:
         if attention_mask is not None and attention_mask.shape != (hidden.shape[0], self.position + n):
             raise ValueError(f"attention_mask must be [batch, {self.position + n}]")
         self._failures = 0
-        x = StepInput(uuid.uuid4().hex, hidden, self.position, attention_mask, hypo_ids)  # span i's input
-        push = self.push and len(self.streams) > 1
+        x = StepInput(uuid.uuid4().hex, hidden, self.position, attention_mask, hypo_ids, prompts)  # span i's input
+        push = self.push and len(self.streams) > 1 and prompts is None
         push = push and all(s.error is None and s.position == self.position for s in self.streams)
         full: torch.Tensor | None = None  # [batch, position + n, hidden]: the last span's output, if replayed
         i = 0
@@ -179,7 +186,8 @@ class InferenceSession:
         stream = self.streams[i]
         if not (push and i > 0) or not await self._push_arrives(i, inp.step_id):
             hops = [s.hop() for s in self.streams[i + 1 :]] if push else []
-            await stream.write(step_request(inp, hops))  # a server ignores a step_id it already got pushed
+            # a server ignores a step_id it already got pushed
+            await stream.write(step_request(inp, hops, stream.span))
         reply = await stream.read_step(inp.step_id, self.step_timeout_s)
         out = stream.decode(reply, inp)
         stream.confirm(inp)
@@ -239,7 +247,8 @@ class InferenceSession:
             else:
                 new.append(result)
         history = consolidate(old.history)  # beams folded in: one input from position 0
-        new[0].history = [StepInput("", history, 0)] if history is not None else []
+        prompts = old.history[0].prompts if old.history else None  # the prefill's deep prompts
+        new[0].history = [StepInput("", history, 0, prompts=prompts)] if history is not None else []
         self.streams[i : i + 1] = new
         self.failovers.append(
             Failover(str(old.span), str(error), [str(s.span) for s in new], self.position, time.perf_counter() - t0)
@@ -258,9 +267,12 @@ class InferenceSession:
         await self.close()
 
 
-def step_request(inp: StepInput, hops: list[shard_pb2.NextHop]) -> shard_pb2.InferenceRequest:
-    """The wire form of a span's step input; `hops` asks the server to push its output along the chain."""
+def step_request(inp: StepInput, hops: list[shard_pb2.NextHop], span: Span | None = None) -> shard_pb2.InferenceRequest:
+    """The wire form of a span's step input; `hops` asks the server to push its output along the chain.
+    Deep prompts are cut to the span's blocks."""
     step = shard_pb2.InferenceStepInput(step_id=inp.step_id, position=inp.position, hidden=to_proto(inp.hidden))
+    if inp.prompts is not None and span is not None:
+        step.prompts.CopyFrom(to_proto(inp.prompts[span.start : span.end].to(inp.hidden.dtype)))
     if inp.mask is not None:
         step.attention_mask.CopyFrom(to_proto(inp.mask))
     if inp.hypo_ids is not None:

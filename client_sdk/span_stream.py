@@ -39,6 +39,9 @@ class StepInput:
     position: int  # tokens already in the span's cache; the new ones go to slots [position, position + tokens)
     mask: torch.Tensor | None = None  # [batch, position + tokens], 1 = real token, 0 = padding
     hypo_ids: torch.Tensor | None = None  # int64 [batch]: beam search reorders cache rows before this step
+    # Deep prompts of the whole chain [num_blocks, batch or 1, pre_seq_len, hidden] for a step that writes
+    # slots below pre_seq_len (the prefill); each span is sent its own blocks' slices.
+    prompts: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -89,6 +92,7 @@ class SpanStream:
         max_length: int,
         batch: int,
         timeout_s: float,
+        tuning: shard_pb2.Tuning | None = None,  # adapter and client LoRA of the span's blocks
     ) -> SpanStream:
         stream = cls(span, session_id)
         try:
@@ -100,6 +104,7 @@ class SpanStream:
                     max_length=max_length,
                     session_id=session_id,
                     batch_size=batch,
+                    tuning=tuning,
                 )
             )
             await stream.write(request)
@@ -194,7 +199,8 @@ class SpanStream:
         if hidden is None or hidden.shape[1] != current.end:  # a bug in the session's bookkeeping, not input
             raise RuntimeError(f"replay on {self.span} would rebuild {0 if hidden is None else hidden.shape[1]} "
                                f"tokens, not {current.end}")  # fmt: skip
-        return StepInput(current.step_id, hidden, 0, current.mask, None)
+        first = self.history[0] if self.history else current  # the prefill, with the deep prompts if any
+        return StepInput(current.step_id, hidden, 0, current.mask, None, first.prompts)
 
     def cancel(self) -> None:
         if self._pending is not None and not self._pending.done():
