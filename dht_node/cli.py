@@ -18,6 +18,7 @@ from dht_node.probe import run_probe
 from dht_node.storage import MAX_VALUE_BYTES_LIMIT
 from swarm.aio import install_signal_handlers, write_ready_file
 from swarm.logs import setup_logging
+from swarm.net import add_security_args, security_from_args
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 1.0  # in-flight gRPC calls get this long after SIGTERM
@@ -43,12 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 memory caps (all per node): one value --max-value-bytes; one key --max-subkeys-per-key
   sub-keys and 56,000 bytes; --max-keys keys; --max-total-bytes in all; stores from one
-  address beyond 200/s (burst 1000) are dropped. Malformed datagrams are logged and dropped.
+  IP beyond 200/s (burst 1000) are dropped. Malformed datagrams are logged and dropped.
+
+abuse limits: UDP requests per IP (--udp-rate-per-ip), gRPC calls per IP (--grpc-rate-per-ip,
+  RESOURCE_EXHAUSTED beyond) and 64 unary calls in flight per IP; UDP requests over 8 KiB
+  and gRPC requests over 2 MiB are refused unread. A reply to an address that has not yet
+  answered us is at most 3x its request (larger ones ask the sender to repeat with a token),
+  so a forged source address cannot be used to amplify traffic.
+
+private swarms: --swarm-key FILE (or $POLLEN_SWARM_KEY=FILE): every datagram carries a MAC
+  and every gRPC call a proof of the key; nodes without it can neither read nor write, and
+  get UNAUTHENTICATED on gRPC (the health service stays open for probes). --tls-cert and
+  --tls-key serve gRPC over TLS. Every process of the swarm must use the same key file.
 
 examples:
   dht-node --bootstrap --identity ~/.cache/pollen/dht.key
   dht-node --initial-peers 10.0.0.5:31337 --host 0.0.0.0 --announce-host 203.0.113.7
-  dht-node --probe 127.0.0.1:31337""",
+  dht-node --probe 127.0.0.1:31337
+  dht-node --bootstrap --swarm-key /run/secrets/swarm.key --tls-cert node.pem --tls-key node.key""",
     )
     join = p.add_mutually_exclusive_group(required=True)
     join.add_argument("--bootstrap", action="store_true", help="start a new swarm (the first node)")
@@ -146,6 +159,20 @@ examples:
         help="most bytes of records this node holds in all (default: %(default)s)",
     )
     p.add_argument(
+        "--udp-rate-per-ip",
+        type=float,
+        default=defaults.udp_requests_per_ip_s,
+        help="UDP requests one IP may send per second, burst 5 s worth; more are dropped (default: %(default)s)",
+    )
+    p.add_argument(
+        "--grpc-rate-per-ip",
+        type=float,
+        default=defaults.grpc_calls_per_ip_s,
+        help="gRPC calls one IP may make per second, burst 5 s worth; more get RESOURCE_EXHAUSTED "
+        "(default: %(default)s)",
+    )
+    add_security_args(p)
+    p.add_argument(
         "--log-level",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         type=str.upper,
@@ -182,6 +209,9 @@ def parse_config(argv: Sequence[str] | None = None) -> DhtNodeConfig:
             ready_file=args.ready_file,
             log_level=args.log_level,
             probe=probe,
+            security=security_from_args(args),
+            udp_requests_per_ip_s=args.udp_rate_per_ip,
+            grpc_calls_per_ip_s=args.grpc_rate_per_ip,
         )
     except ValueError as e:
         parser.error(str(e))

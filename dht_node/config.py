@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dht_node.storage import MAX_VALUE_BYTES_LIMIT, StorageLimits
-from swarm.net import parse_addresses
+from swarm.net import PLAINTEXT, Security, parse_addresses
 
 DEFAULT_PORT = 31337
 
@@ -56,6 +56,13 @@ class DhtNodeConfig:
     log_level: str | None = None
     # `dht-node --probe`: join as a client, print the swarm's models and blocks, exit.
     probe: bool = False
+    # Private swarm: the swarm key (a MAC on every datagram, a proof on every gRPC call) and optional TLS.
+    security: Security = PLAINTEXT
+    # UDP requests one IP may send per second (burst: 5 s worth); many nodes can share an IP (NAT, loopback).
+    udp_requests_per_ip_s: float = 2000.0
+    # gRPC calls one IP may make per second (burst: 5 s worth), and unary calls it may have in flight.
+    grpc_calls_per_ip_s: float = 200.0
+    grpc_max_in_flight_per_ip: int = 64
 
     def __post_init__(self) -> None:
         # Checked here as well as in argparse so in-process users (tests, embedders) get the same errors.
@@ -78,6 +85,10 @@ class DhtNodeConfig:
             raise ValueError("republish_period_s must be positive")
         if not 1 <= self.max_value_bytes <= MAX_VALUE_BYTES_LIMIT:
             raise ValueError(f"max_value_bytes must be in [1, {MAX_VALUE_BYTES_LIMIT}] (8 KiB UDP request limit)")
+        if self.udp_requests_per_ip_s <= 0 or self.grpc_calls_per_ip_s <= 0 or self.grpc_max_in_flight_per_ip < 1:
+            raise ValueError("per-IP request rates must be positive and grpc_max_in_flight_per_ip at least 1")
+        if self.security.tls is not None and not self.security.tls.serves:
+            raise ValueError("a dht-node serving TLS needs --tls-cert and --tls-key (--tls-ca alone is for clients)")
         _ = self.limits  # validates the storage caps now rather than at start()
 
     @property

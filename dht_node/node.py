@@ -2,7 +2,12 @@
 
 It composes kademlia's pieces instead of subclassing kademlia.network.Server: Server.listen binds
 0.0.0.0 and schedules unkept refresh tasks, and its get/set are exactly what Pollen replaces (merging
-lookups, chunked stores, replica counting). Routing, node ids and the crawl skeleton are kademlia's.
+lookups, chunked stores, replica counting). Routing and node ids are kademlia's.
+
+Security comes from the config's `security` (swarm.net.Security): with a swarm key every datagram carries a
+MAC (datagram.py) and every gRPC call but health checks a proof of the key; with TLS files gRPC is served over
+TLS. Abuse limits: per-IP request rates on UDP (wire.py) and gRPC (swarm.auth), a cap of unary calls in flight
+per IP, gRPC requests over MAX_RECEIVE_BYTES refused before they are read, UDP requests over 8 KiB dropped.
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ from kademlia.node import Node
 from kademlia.utils import digest
 
 from dht_node.config import DhtNodeConfig
-from dht_node.crawl import NodeCrawl, RecordCrawl
-from dht_node.protocol import PollenProtocol, valid_node_id
+from dht_node.crawl import NodeLookup, RecordLookup
+from dht_node.datagram import DatagramSeal
+from dht_node.liveness import STALE_AFTER_S
+from dht_node.protocol import PollenProtocol
 from dht_node.servicer import DhtServicer
 from dht_node.storage import Record, RecordStorage, merge_into
 from dht_node.validation import RecordValidator
 from swarm.aio import TaskSet
+from swarm.auth import CallLimits
 from swarm.identity import Identity
-from swarm.net import format_address, parse_address, server_options
+from swarm.net import bind_server, create_server, format_address, parse_address
 from swarm.pb import dht_pb2, dht_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -42,9 +50,12 @@ REPUBLISH_CONCURRENCY = 8  # keys republished at once (each is a lookup plus k s
 # Lookups in flight at once: a BatchGet of 80 keys would otherwise fire ~80*alpha datagrams in one burst and
 # overflow the UDP receive buffers of the nodes it asks (drops look like deaths and cost a full timeout).
 LOOKUP_CONCURRENCY = 16
-# gRPC message cap: requests are small (a Store fits 8 KiB, a SpeedTest sends 1 MiB) but a BatchGet reply
-# may carry 256 records of up to 56 KB each.
+# gRPC message caps: a BatchGet reply may carry 256 records of up to 56 KB each, but requests are small (a
+# Store of 128 sub-keys of 4 KiB, a SpeedTest of 1 MiB): a larger request is refused before it is read.
 MAX_MESSAGE_BYTES = 16 << 20
+MAX_RECEIVE_BYTES = 2 << 20
+MAX_CONCURRENT_RPCS = 1024  # in all; per IP, DhtNodeConfig.grpc_max_in_flight_per_ip
+SWEEP_PINGS_PER_TICK = 32  # silent contacts pinged per upkeep tick (liveness.py)
 UDP_RCVBUF_BYTES = 4 << 20  # asked of the kernel (capped by net.core.rmem_max): absorbs reply bursts
 
 
@@ -89,6 +100,7 @@ class DhtNode:
         self._started = self._stopped = False
         self.upkeep_rounds = 0  # completed maintenance ticks (republish, bucket refresh): progress in node time
         self._lookups = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+        self.last_lookup: RecordLookup | None = None  # the latest get's lookup and its stats (tests, benchmarks)
 
     # ---- lifecycle ----
 
@@ -120,9 +132,10 @@ class DhtNode:
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(DHT_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "dht-node %s serving gRPC and UDP on %s%s",
+            "dht-node %s serving gRPC and UDP on %s (%s)%s",
             self.node_id[:12],
             self.address,
+            self.config.security.describe(),
             " (client mode)" if self.config.client_mode else "",
         )
         if self.config.initial_peers:
@@ -139,7 +152,15 @@ class DhtNode:
         for attempt in range(1, BIND_ATTEMPTS + 1):
             transport, protocol = await loop.create_datagram_endpoint(
                 lambda: PollenProtocol(
-                    self.node, self.storage, cfg.ksize, cfg.rpc_timeout_s, self.tasks, self.validator, cfg.client_mode
+                    self.node,
+                    self.storage,
+                    cfg.ksize,
+                    cfg.rpc_timeout_s,
+                    self.tasks,
+                    self.validator,
+                    cfg.client_mode,
+                    seal=DatagramSeal(cfg.security.swarm_key),
+                    request_rate_per_s=cfg.udp_requests_per_ip_s,
                 ),
                 local_addr=(cfg.host, cfg.port),
             )
@@ -151,7 +172,7 @@ class DhtNode:
             if _tcp_port_free(transport.get_extra_info("socket").family, sockname[0], port):
                 server = self._make_grpc_server()
                 try:
-                    server.add_insecure_port(format_address(cfg.host, port))
+                    bind_server(server, format_address(cfg.host, port), cfg.security)
                 except RuntimeError:  # taken between the check and the bind
                     await server.stop(None)
                     server = None
@@ -165,8 +186,15 @@ class DhtNode:
             return
 
     def _make_grpc_server(self) -> grpc.aio.Server:
-        # server_options turns SO_REUSEPORT off: two nodes could otherwise share one TCP port.
-        server = grpc.aio.server(options=server_options(MAX_MESSAGE_BYTES))
+        # server_options (in create_server) turns SO_REUSEPORT off: two nodes could otherwise share one TCP port.
+        cfg = self.config
+        server = create_server(
+            MAX_MESSAGE_BYTES,
+            security=cfg.security,
+            limits=CallLimits(cfg.grpc_calls_per_ip_s, cfg.grpc_max_in_flight_per_ip),
+            max_receive_bytes=MAX_RECEIVE_BYTES,
+            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+        )
         servicer = DhtServicer(self, self.storage.limits, self.validator, self.storage.clock)
         dht_pb2_grpc.add_DhtServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -200,13 +228,14 @@ class DhtNode:
         if not contacts:
             log.warning("no initial peer answered; retrying every %.0f s", REJOIN_PERIOD_S)
             return False
-        await NodeCrawl(self.protocol, self.node, contacts, self.config.ksize, self.config.alpha).find()
+        await NodeLookup(self.protocol, self.node, contacts, self.config.ksize, self.config.alpha).run()
         log.info("joined the swarm via %s: %d contacts", contacts[0], self.peer_count())
         return True
 
     async def _ping_initial_peers(self) -> tuple[list[str], list[Node | None]]:
         loop = asyncio.get_running_loop()
-        family = self.protocol.transport.get_extra_info("socket").family
+        assert self._transport is not None  # bound in start()
+        family = self._transport.get_extra_info("socket").family
         addresses, pings = [], []
         for peer in self.config.initial_peers:
             host, port = parse_address(peer)  # config checked it already
@@ -217,12 +246,8 @@ class DhtNode:
                 continue
             addresses.append(peer)
             ip, port_number = infos[0][4][:2]
-            pings.append(self._ping((str(ip), int(port_number))))
+            pings.append(self.protocol.ping_address((str(ip), int(port_number))))
         return addresses, list(await asyncio.gather(*pings))
-
-    async def _ping(self, addr: tuple[str, int]) -> Node | None:
-        ok, node_id = await self.protocol.ping(addr, self.protocol.wire_id)
-        return Node(node_id, addr[0], addr[1]) if ok and valid_node_id(node_id) else None
 
     @property
     def upkeep_period_s(self) -> float:
@@ -237,6 +262,7 @@ class DhtNode:
             if self.config.initial_peers and self.peer_count() == 0:
                 await self._join()
             culled = self.storage.cull()
+            self._sweep_silent_contacts()
             await self._refresh_buckets()
             republished = await self.republish(older_than_s=period)
             self.upkeep_rounds += 1
@@ -250,13 +276,20 @@ class DhtNode:
                 self.peer_count(),
             )
 
+    def _sweep_silent_contacts(self) -> None:
+        """Ping contacts silent for STALE_AFTER_S: a node that died quietly leaves the table (and stops being
+        handed out) within about STALE_AFTER_S + the rpc timeout, even if no lookup went near it."""
+        stale = self.protocol.stale_contacts(STALE_AFTER_S)
+        for node in stale[:SWEEP_PINGS_PER_TICK]:
+            self.tasks.spawn(self.protocol.call_ping(node), name="dht-liveness-ping")
+
     async def _refresh_buckets(self) -> None:
         """Kademlia section 2.3: look up a random id in every bucket nobody touched for an hour."""
         lookups = []
         for node_id in self.protocol.get_refresh_ids():
             target = Node(node_id)
             nearest = self.protocol.router.find_neighbors(target, self.config.alpha)
-            lookups.append(NodeCrawl(self.protocol, target, nearest, self.config.ksize, self.config.alpha).find())
+            lookups.append(NodeLookup(self.protocol, target, nearest, self.config.ksize, self.config.alpha).run())
         await asyncio.gather(*lookups)
 
     async def republish(self, older_than_s: float = 0.0) -> int:
@@ -287,8 +320,8 @@ class DhtNode:
 
     async def _store_digest(self, dkey: bytes, name: str, record: Record, store_locally: bool) -> int:
         target = Node(dkey)
-        nearest = self.protocol.router.find_neighbors(target)
-        found = await NodeCrawl(self.protocol, target, nearest, self.config.ksize, self.config.alpha).find()
+        nearest = self.protocol.live_neighbors(target)
+        found = await NodeLookup(self.protocol, target, nearest, self.config.ksize, self.config.alpha).run()
         candidates = [*found, self.node] if store_locally else found
         closest = sorted(candidates, key=lambda n: n.distance_to(target))[: self.config.ksize]
         replicas = 0
@@ -304,13 +337,14 @@ class DhtNode:
         dkey = digest(key)
         record = self.storage.get_record(dkey)
         target = Node(dkey)
-        nearest = self.protocol.router.find_neighbors(target)
+        nearest = self.protocol.live_neighbors(target)
         if nearest:
-            crawl = RecordCrawl(self.protocol, key, target, nearest, self.config.ksize, self.config.alpha)
+            crawl = RecordLookup(self.protocol, key, target, nearest, self.config.ksize, self.config.alpha)
+            self.last_lookup = crawl
 
             async def bounded_find() -> None:
                 async with self._lookups:
-                    await crawl.find()
+                    await crawl.run()
 
             try:
                 await asyncio.wait_for(bounded_find(), timeout_s)

@@ -28,7 +28,7 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
 async def probe(node: DhtNode, out: TextIO = sys.stdout) -> int:
     """Print the models table and one row per announcing server; returns how many models were found."""
     models: dict[str, ModelRecord] = {}
-    signed = verified(MODELS_KEY, await node.get(MODELS_KEY, timeout_s=PROBE_TIMEOUT_S), require_signed=True)
+    signed = verified(MODELS_KEY, await node.get(MODELS_KEY, timeout_s=PROBE_TIMEOUT_S))
     for _, entry in sorted(signed.items()):
         info = ModelRecord.decode(entry.value)
         if info is not None and (info.model_id not in models or info.num_blocks > models[info.model_id].num_blocks):
@@ -44,7 +44,7 @@ async def probe(node: DhtNode, out: TextIO = sys.stdout) -> int:
         per_block = [0] * info.num_blocks
         seen: dict[str, ServerRecord] = {}
         for i, (key, record) in enumerate(zip(keys, records, strict=True)):
-            for peer, server in sorted(decode_server_records(key, record, require_signed=True).items()):
+            for peer, server in sorted(decode_server_records(key, record).items()):
                 if server.state == ServerState.OFFLINE:
                     continue
                 per_block[i] += 1

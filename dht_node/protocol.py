@@ -1,38 +1,37 @@
-"""The Kademlia UDP protocol of a dht-node: kademlia's KademliaProtocol hardened for an open port.
+"""The Kademlia rpc handlers of a dht-node and its routing-table upkeep, on top of wire.py's datagram layer.
 
-What it changes in the stock rpcudp/kademlia code and why:
-* every datagram is parsed and dispatched inside one try block: garbage (bad msgpack, wrong shapes, wrong
-  types, oversize requests) is logged at debug and dropped instead of raising in unkept tasks;
-* requests are handled synchronously (every handler is), so no task per datagram is ever created;
-* `store` validates the record and merges it through RecordStorage's caps;
+What it changes in the stock kademlia code and why:
+* requests are handled synchronously (every handler is), so no task per datagram is ever created; garbage
+  (bad msgpack, wrong shapes, wrong types, oversize requests) is logged at debug and dropped (wire.py);
+* `store` validates the record and merges it through RecordStorage's caps; stores are rate-limited per
+  sender IP (a new source port does not reset the bucket), on top of wire.py's per-IP request rate;
 * `find_value` answers with the local record *and* the closest contacts, so a lookup keeps converging on
   the k closest nodes and merges every copy it meets (see crawl.py);
-* `welcome_if_new` hands records to a new contact by their real key (stock code digests the digest again)
-  and keeps the resulting store tasks in a TaskSet;
-* the reply timeout is configurable, late replies and timeouts never touch a cancelled future, and
-  contacts that did not answer are remembered for a while so lookups stop paying their timeout;
-* stores carry the key's name as a 4th argument, so signatures and schemas are checked (validation.py),
-  and each sender address gets a token bucket of stores (a flood from one address is dropped);
+* a contact enters the routing table, and is handed the records it should hold (`welcome_if_new`, by their
+  real key: stock code digests the digest again), only once its address proved it receives our datagrams:
+  it answered a request of ours, or showed an address token. A request from an unproven node id triggers
+  one ping from us instead, so a forged source address never receives stores;
+* contacts are handed out only if they are neither dead nor suspect (liveness.py), and a contact that does
+  not answer within the rpc timeout is dropped, remembered as dead, and its keys are republished;
+* stores carry the key's name as a 4th argument, so signatures and schemas are checked (validation.py);
 * client mode: a client sends an empty node id, is never added to anyone's routing table, and answers no
-  requests (it holds nothing); a contact that times out is logged as left and its keys are republished.
+  requests (it holds nothing).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import time
-from collections import OrderedDict
+import random
 from collections.abc import Callable
 from typing import Any, TypeGuard
 
-import umsgpack
 from kademlia.node import Node
-from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable
 from kademlia.utils import digest
 
+from dht_node.datagram import AddressGuard, DatagramSeal
 from dht_node.storage import (
-    DATAGRAM_LIMIT_BYTES,
     KEY_DIGEST_BYTES,
     InvalidRecord,
     Record,
@@ -42,19 +41,20 @@ from dht_node.storage import (
     wire_chunks,
 )
 from dht_node.validation import RecordValidator
+from dht_node.wire import Address, Outgoing, RpcEndpoint
 from swarm.aio import TaskSet
+from swarm.auth import RateLimiter
 
 log = logging.getLogger(__name__)
 
-REQUEST, RESPONSE = b"\x00", b"\x01"
-HEADER_BYTES = 21  # kind byte + 20-byte message id
-DEAD_PEER_TTL_S = 30.0  # how long a contact that timed out is skipped in lookups
 CLIENT_ID = b""  # the node id a client-mode node sends: "answer me, but do not add me"
 MAX_KEY_NAME_CHARS = 1024
-# Token bucket of stores per sender address: a republish burst fits, a flood does not.
+# Token bucket of stores per sender IP: a republish burst of several nodes behind one address fits, a flood not.
 STORE_RATE_PER_S = 200.0
 STORE_BURST = 1000.0
-MAX_TRACKED_SENDERS = 4096  # bounded: the oldest sender's bucket is forgotten first
+# Requests of any kind per sender IP (many nodes may share one IP: a NAT, or a test swarm on loopback).
+REQUEST_RATE_PER_S = 2000.0
+MAX_VERIFYING = 64  # pings in flight to new contacts whose address is unproven: bounds what forged sources cost
 
 
 def valid_node_id(value: object) -> TypeGuard[bytes]:
@@ -79,8 +79,14 @@ def parse_contacts(obj: object, own_id: bytes) -> list[Node] | None:
     return nodes
 
 
+def address_of(node: Node) -> Address:
+    return (str(node.ip), int(node.port))
+
+
 class _Router(RoutingTable):
     """RoutingTable whose "ping the head of a full bucket" task is kept instead of fire-and-forget."""
+
+    protocol: PollenProtocol
 
     def add_contact(self, node: Node) -> None:
         index = self.get_bucket_for(node)
@@ -97,31 +103,11 @@ class _Router(RoutingTable):
     def size(self) -> int:
         return sum(len(bucket) for bucket in self.buckets)
 
-
-class StoreThrottle:
-    """Per-address token buckets for store requests, in a bounded LRU."""
-
-    def __init__(self, rate_per_s: float = STORE_RATE_PER_S, burst: float = STORE_BURST) -> None:
-        self.rate, self.burst = rate_per_s, burst
-        self._buckets: OrderedDict[tuple[str, int], tuple[float, float]] = OrderedDict()
-        self.dropped = 0
-
-    def allow(self, sender: tuple[str, int]) -> bool:
-        now = time.monotonic()
-        tokens, last = self._buckets.pop(sender, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        ok = tokens >= 1.0
-        self._buckets[sender] = (tokens - 1.0 if ok else tokens, now)
-        if len(self._buckets) > MAX_TRACKED_SENDERS:
-            self._buckets.popitem(last=False)
-        if not ok:
-            self.dropped += 1
-            if self.dropped & (self.dropped - 1) == 0:  # 1st, 2nd, 4th, ... drop: one line, not a flood of them
-                log.warning("store flood from %s:%s: %d stores dropped so far", sender[0], sender[1], self.dropped)
-        return ok
+    def contacts(self) -> list[Node]:
+        return [node for bucket in self.buckets for node in bucket.get_nodes()]
 
 
-class PollenProtocol(KademliaProtocol):
+class PollenProtocol(RpcEndpoint):
     def __init__(
         self,
         source_node: Node,
@@ -131,17 +117,21 @@ class PollenProtocol(KademliaProtocol):
         tasks: TaskSet,
         validator: RecordValidator | None = None,
         client_mode: bool = False,
+        seal: DatagramSeal | None = None,
+        request_rate_per_s: float = REQUEST_RATE_PER_S,
+        guard: AddressGuard | None = None,
     ) -> None:
-        super().__init__(source_node, storage, ksize)
+        super().__init__(
+            rpc_timeout_s, seal or DatagramSeal(None), RateLimiter(request_rate_per_s, 5 * request_rate_per_s), guard
+        )
+        self.source_node = source_node
+        self.storage = storage
         self.validator = validator or RecordValidator()
         self.client_mode = client_mode
-        self.throttle = StoreThrottle()
-        self.rpcs_sent = 0  # outgoing requests, for benchmarks and the upkeep log
-        self._wait_timeout = rpc_timeout_s
-        self.storage: RecordStorage = storage
-        self.router: _Router = _Router(self, ksize, source_node)
+        self.throttle = RateLimiter(STORE_RATE_PER_S, STORE_BURST)  # stores per sender IP
+        self.router = _Router(self, ksize, source_node)
         self.tasks = tasks
-        self._dead_until: dict[tuple[str, int], float] = {}
+        self._verifying: set[Address] = set()  # new contacts we are pinging to prove their address
         self._handlers: dict[str, Callable[..., Any]] = {
             "ping": self.rpc_ping,
             "store": self.rpc_store,
@@ -149,98 +139,59 @@ class PollenProtocol(KademliaProtocol):
             "find_value": self.rpc_find_value,
         }
 
-    # ---- datagram layer (replaces rpcudp's task-per-datagram parsing) ----
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        if len(data) <= HEADER_BYTES or data[:1] not in (REQUEST, RESPONSE):
-            log.debug("dropped a %d-byte datagram from %s: not an rpc message", len(data), addr)
-            return
-        if data[:1] == REQUEST and len(data) > HEADER_BYTES + DATAGRAM_LIMIT_BYTES:
-            log.debug("dropped a %d-byte request from %s: over the 8 KiB limit", len(data), addr)
-            return
-        msg_id = data[1:HEADER_BYTES]
-        try:
-            payload = umsgpack.unpackb(data[HEADER_BYTES:])
-            if data[:1] == RESPONSE:
-                self._accept_response(msg_id, payload, addr)
-            else:
-                self._handle_request(msg_id, payload, addr)
-        except Exception as e:  # noqa: BLE001 - a peer's garbage must never reach the event loop
-            log.debug("dropped a malformed datagram from %s: %s", addr, f"{type(e).__name__}: {e}"[:200])
-
-    def _handle_request(self, msg_id: bytes, payload: object, addr: tuple[Any, ...]) -> None:
-        if self.client_mode:
-            return  # a client holds nothing and is in nobody's table: requests to it are strays
-        if not isinstance(payload, list) or len(payload) != 2 or not isinstance(payload[1], list | tuple):
-            log.debug("dropped a request of the wrong shape from %s", addr)
-            return
-        name, args = payload
-        handler = self._handlers.get(name) if isinstance(name, str) else None
-        if handler is None:
-            log.debug("dropped a request for unknown rpc %r from %s", name, addr)
-            return
-        response = handler(addr, *args)
-        if response is not None and self.transport is not None:
-            self.transport.sendto(RESPONSE + msg_id + umsgpack.packb(response), addr)
-
-    def _accept_response(self, msg_id: bytes, data: object, address: tuple[Any, ...]) -> None:
-        # A late reply still proves the peer is alive: a busy peer must not stay "dead" for DEAD_PEER_TTL_S.
-        self._dead_until.pop((address[0], address[1]), None)
-        pending = self._outstanding.pop(msg_id, None)
-        if pending is None:
-            log.debug("dropped a reply to an unknown or expired request from %s", address)
-            return
-        future, timeout = pending
-        timeout.cancel()
-        if not future.done():  # the caller may have been cancelled (lookup deadline)
-            future.set_result((True, data))
-
-    def _timeout(self, msg_id: bytes) -> None:
-        pending = self._outstanding.pop(msg_id, None)
-        if pending is not None and not pending[0].done():
-            pending[0].set_result((False, None))
-
-    def close(self) -> None:
-        """Fail every pending request now (stock rpcudp leaves them to their timeouts after stop)."""
-        pending = list(self._outstanding.values())
-        self._outstanding.clear()
-        for future, timeout in pending:
-            timeout.cancel()
-            if not future.done():
-                future.set_result((False, None))
-
-    # ---- rpc handlers: sender is the (ip, port) the datagram came from ----
-
     @property
     def wire_id(self) -> bytes:
         """The node id we send: our own, or CLIENT_ID so that nobody adds us to a routing table."""
         return CLIENT_ID if self.client_mode else bytes(self.source_node.id)
 
-    def _source(self, sender: tuple[Any, ...], nodeid: object) -> Node | None | bool:
-        """The sender as a contact (welcomed into our table); False for a client (served, never added);
-        None for an invalid id (the request is dropped)."""
+    def handle_request(self, name: str, args: list[Any], sender: Address, proven: bool) -> Any:
+        if self.client_mode:
+            return None  # a client holds nothing and is in nobody's table: requests to it are strays
+        handler = self._handlers.get(name)
+        if handler is None:
+            log.debug("dropped a request for unknown rpc %r from %s", name, sender)
+            return None
+        return handler(sender, proven, *args)  # a wrong argument count raises TypeError: dropped by wire.py
+
+    # ---- rpc handlers: sender is the (ip, port) the datagram came from ----
+
+    def _source(self, sender: Address, proven: bool, nodeid: object) -> Node | None | bool:
+        """The sender as a contact; False for a client (served, never added); None for an invalid id (the
+        request is dropped). A proven sender is welcomed into the table now, an unproven one after it
+        answers a ping of ours."""
         if nodeid == CLIENT_ID:
             return False
         if not valid_node_id(nodeid) or nodeid == self.source_node.id:
             return None
         source = Node(nodeid, sender[0], sender[1])
-        self._dead_until.pop((source.ip, source.port), None)  # it talks to us: alive again
-        self.welcome_if_new(source)
+        if proven:
+            self.welcome_if_new(source)
+        elif self.router.is_new_node(source) and sender not in self._verifying and len(self._verifying) < MAX_VERIFYING:
+            self._verifying.add(sender)
+            self.tasks.spawn(self._verify_contact(source), name="dht-verify-contact")
         return source
 
-    def rpc_ping(self, sender: tuple[Any, ...], nodeid: object) -> bytes | None:
-        if self._source(sender, nodeid) is None:
+    async def _verify_contact(self, node: Node) -> None:
+        try:
+            await self.call_ping(node)  # on an answer with the same id, on_answer welcomes it
+        finally:
+            self._verifying.discard(address_of(node))
+
+    def rpc_ping(self, sender: Address, proven: bool, nodeid: object) -> bytes | None:
+        if self._source(sender, proven, nodeid) is None:
             return None
-        return self.source_node.id
+        return bytes(self.source_node.id)
 
     def rpc_store(
-        self, sender: tuple[Any, ...], nodeid: object, key: object, value: object, name: object = None
+        self, sender: Address, proven: bool, nodeid: object, key: object, value: object, name: object = None
     ) -> bool | None:
         # Validate everything before welcoming the sender: a peer that sends garbage stays out of our table.
         if not (valid_node_id(nodeid) or nodeid == CLIENT_ID) or not valid_node_id(key):
             log.debug("rejected store from %s: node id or key is not a %d-byte digest", sender, KEY_DIGEST_BYTES)
             return None
-        if not self.throttle.allow((sender[0], sender[1])):
+        if not self.throttle.allow(sender[0]):
+            if self.throttle.dropped & (self.throttle.dropped - 1) == 0:  # 1st, 2nd, 4th, ...: a line, not a flood
+                log.warning("store flood from %s: %d stores dropped so far", sender[0], self.throttle.dropped)
             return None
         if not isinstance(name, str) or len(name) > MAX_KEY_NAME_CHARS or digest(name) != key:
             log.debug(
@@ -255,28 +206,23 @@ class PollenProtocol(KademliaProtocol):
         good, refused = self.validator.filter(name, record)
         if refused:
             log.info("refused %d sub-keys of %r from %s: %s", len(refused), name[:64], sender, refused[0])
-        if self._source(sender, nodeid) is None:
+        if self._source(sender, proven, nodeid) is None:
             return None
         accepted = self.storage.merge(key, good, name) if good else True
         if not accepted:
             log.info("store of %r from %s hit a storage cap; part of it was refused", name[:64], sender)
         return accepted and not refused
 
-    def rpc_find_node(self, sender: tuple[Any, ...], nodeid: object, key: object) -> list[tuple[Any, ...]] | None:
+    def rpc_find_node(self, sender: Address, proven: bool, nodeid: object, key: object) -> list[tuple[Any, ...]] | None:
         if not valid_node_id(key):
             return None
-        source = self._source(sender, nodeid)
+        source = self._source(sender, proven, nodeid)
         if source is None:
             return None
-        if source is False:
-            source = None  # a client: nothing to exclude
-        # Twice k contacts, minus those we saw time out: when the closest ones have died, a lookup still
-        # has live fallbacks (a crawl shows only the k nearest and reaches the rest as the others fail).
-        neighbors = self.router.find_neighbors(Node(key), k=2 * self.router.ksize, exclude=source)
-        return [tuple(n) for n in neighbors if not self.is_dead(n)]
+        return [tuple(n) for n in self.live_neighbors(Node(key), exclude=source or None)]
 
-    def rpc_find_value(self, sender: tuple[Any, ...], nodeid: object, key: object) -> dict[str, Any] | None:
-        contacts = self.rpc_find_node(sender, nodeid, key)
+    def rpc_find_value(self, sender: Address, proven: bool, nodeid: object, key: object) -> dict[str, Any] | None:
+        contacts = self.rpc_find_node(sender, proven, nodeid, key)
         if contacts is None or not isinstance(key, bytes):
             return None
         answer: dict[str, Any] = {"nodes": contacts}
@@ -285,41 +231,68 @@ class PollenProtocol(KademliaProtocol):
             answer["value"] = to_wire(record)
         return answer
 
-    # ---- outgoing calls ----
+    def live_neighbors(self, target: Node, exclude: Node | None = None) -> list[Node]:
+        """Up to 2k contacts closest to `target`, none of them dead or suspect: when the k closest have died a
+        lookup still has live fallbacks, and nobody is sent to a contact we know does not answer."""
+        neighbors = self.router.find_neighbors(target, k=2 * self.router.ksize, exclude=exclude)
+        return [n for n in neighbors if not self.liveness.avoid(address_of(n))]
 
-    async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
-        self.rpcs_sent += 1
-        result = await self.find_node((node_to_ask.ip, node_to_ask.port), self.wire_id, node_to_find.id)
-        return self.handle_call_response(result, node_to_ask)
+    # ---- outgoing calls: (True, reply) or (False, None) ----
 
-    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
-        self.rpcs_sent += 1
-        result = await self.find_value((node_to_ask.ip, node_to_ask.port), self.wire_id, node_to_find.id)
-        return self.handle_call_response(result, node_to_ask)
+    async def call_ping(self, node: Node) -> tuple[bool, Any]:
+        return await self.request(address_of(node), "ping", (self.wire_id,), node)
 
-    async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
-        self.rpcs_sent += 1
-        result = await self.ping((node_to_ask.ip, node_to_ask.port), self.wire_id)
-        return self.handle_call_response(result, node_to_ask)
-
-    async def call_store(self, node_to_ask: Node, key: bytes, value: Any, name: str = "") -> tuple[bool, Any]:
-        self.rpcs_sent += 1
-        result = await self.store((node_to_ask.ip, node_to_ask.port), self.wire_id, key, value, name)
-        return self.handle_call_response(result, node_to_ask)
-
-    def handle_call_response(self, result: tuple[bool, Any], node: Node) -> tuple[bool, Any]:
-        if not result[0]:
-            self._contact_left(node)
-            return result
+    async def ping_address(self, address: Address) -> Node | None:
+        """Ping an address whose node id we do not know yet (initial peers); the contact if it answers."""
+        ok, node_id = await self.request(address, "ping", (self.wire_id,))
+        if not ok or not valid_node_id(node_id):
+            return None
+        node = Node(node_id, address[0], address[1])
         self.welcome_if_new(node)
-        return result
+        return node
+
+    async def call_find_node(self, node: Node, target: Node) -> tuple[bool, Any]:
+        return await self.request(address_of(node), "find_node", (self.wire_id, target.id), node)
+
+    def find_value_request(self, node: Node, target: Node) -> asyncio.Future[tuple[bool, Any]]:
+        return self.request(address_of(node), "find_value", (self.wire_id, target.id), node)
+
+    def find_node_request(self, node: Node, target: Node) -> asyncio.Future[tuple[bool, Any]]:
+        return self.request(address_of(node), "find_node", (self.wire_id, target.id), node)
+
+    async def call_store(self, node: Node, key: bytes, value: Any, name: str = "") -> tuple[bool, Any]:
+        return await self.request(address_of(node), "store", (self.wire_id, key, value, name), node)
+
+    async def store_record(self, node: Node, key: bytes, record: Record, name: str) -> bool:
+        """Store a record on one node in as many requests as the 8 KiB limit needs; True if all accepted."""
+        for chunk in wire_chunks(record):
+            ok, accepted = await self.call_store(node, key, chunk, name)
+            if not ok or accepted is not True:
+                return False
+        return True
+
+    # ---- liveness and the routing table ----
+
+    def on_answer(self, request: Outgoing, reply: Any) -> None:
+        node = request.node
+        if node is None:
+            return
+        if request.name == "ping" and reply != node.id:
+            log.debug("%s:%s answered a ping with another node id; not added", node.ip, node.port)
+            return
+        self.welcome_if_new(node)
+
+    def on_timeout(self, request: Outgoing) -> None:
+        if request.node is not None:
+            self._contact_left(request.node)
+        else:
+            self.liveness.mark_dead(request.address)
 
     def _contact_left(self, node: Node) -> None:
-        """A contact did not answer: drop it, skip it in lookups for a while, and make the keys it helped hold
-        due for republishing so they regain k copies on the nodes now closest to them."""
-        was_known = not self.router.is_new_node(node)
-        self._dead_until[(node.ip, node.port)] = time.monotonic() + DEAD_PEER_TTL_S
-        if not was_known:
+        """A contact did not answer: drop it, skip it for a while, and make the keys it helped hold due for
+        republishing so they regain k copies on the nodes now closest to them."""
+        self.liveness.mark_dead(address_of(node))
+        if self.router.is_new_node(node):
             return
         due = 0
         for key, _ in self.storage:
@@ -330,28 +303,31 @@ class PollenProtocol(KademliaProtocol):
                 due += 1
         self.router.remove_contact(node)
         log.info("contact left: %s:%s (no reply in %.1f s); %d keys to republish", node.ip, node.port,
-                 self._wait_timeout, due)  # fmt: skip
+                 self.rpc_timeout_s, due)  # fmt: skip
 
     def is_dead(self, node: Node) -> bool:
-        until = self._dead_until.get((node.ip, node.port))
-        if until is None:
-            return False
-        if until < time.monotonic():
-            del self._dead_until[(node.ip, node.port)]
-            return False
-        return True
+        return self.liveness.is_dead(address_of(node))
 
-    async def store_record(self, node: Node, key: bytes, record: Record, name: str) -> bool:
-        """Store a record on one node in as many requests as the 8 KiB limit needs; True if all accepted."""
-        for chunk in wire_chunks(record):
-            ok, accepted = await self.call_store(node, key, chunk, name)
-            if not ok or accepted is not True:
-                return False
-        return True
+    def avoid(self, node: Node) -> bool:
+        return self.liveness.avoid(address_of(node))
+
+    def stale_contacts(self, silent_s: float) -> list[Node]:
+        """Table contacts not heard from for `silent_s` and not being asked anything right now."""
+        return [
+            n
+            for n in self.router.contacts()
+            if self.liveness.silent_for(address_of(n)) > silent_s and not self.has_outgoing(address_of(n))
+        ]
+
+    def get_refresh_ids(self) -> list[bytes]:
+        """A random id in every bucket nobody looked into for an hour (Kademlia section 2.3)."""
+        return [random.randint(*b.range).to_bytes(20, byteorder="big") for b in self.router.lonely_buckets()]
 
     def welcome_if_new(self, node: Node) -> None:
-        """Section 2.5 of the paper: hand a new contact the records it should now hold, then add it."""
+        """Section 2.5 of the paper: hand a new contact the records it should now hold, then add it. Only
+        called for contacts whose address is proven (see the module docstring)."""
         if not self.router.is_new_node(node):
+            self.router.add_contact(node)  # moves it to the tail of its bucket: recently seen
             return
         log.info("contact joined: %s:%s (id %s)", node.ip, node.port, node.id.hex()[:12])
         for key, record in self.storage:

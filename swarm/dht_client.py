@@ -2,6 +2,11 @@
 
 Shard servers and clients never join the Kademlia overlay; they read and write records through any
 dht-node they were given. A node that does not answer is skipped and the next one is tried.
+
+The node asked is not trusted: `get`/`batch_get` return only sub-keys whose owner signature verifies
+(sub-key == peer id of the signing key), so a lying dht-node can hide records but never forge one.
+`allow_unsigned=True` also returns plain sub-keys that do not look like peer ids (private test swarms
+running `dht-node --allow-unsigned`). `security` carries the swarm key and TLS settings (swarm.net).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import grpc
 
 from swarm.errors import DhtUnavailable, from_rpc_error
 from swarm.identity import Identity, looks_like_peer_id
-from swarm.net import ChannelCache, parse_addresses
+from swarm.net import PLAINTEXT, ChannelCache, Security, parse_addresses
 from swarm.pb import dht_pb2, dht_pb2_grpc
 from swarm.records import Record, SubkeyEntry, verified
 
@@ -24,6 +29,7 @@ __all__ = ["DhtClient", "Record", "SubkeyEntry", "looks_like_peer_id", "parse_pe
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_REPLY_BYTES = 32 << 20
 
 # Errors after which another dht-node may succeed; anything else is the request's own fault.
 _FAILOVER_CODES = {
@@ -41,12 +47,21 @@ def parse_peers(text: str | Sequence[str]) -> list[str]:
 
 
 class DhtClient:
-    def __init__(self, addresses: Sequence[str], timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        timeout_s: float = 5.0,
+        *,
+        security: Security = PLAINTEXT,
+        allow_unsigned: bool = False,
+    ) -> None:
         self.addresses = parse_addresses(addresses)
         if not self.addresses:
             raise ValueError("DhtClient needs at least one dht-node address (HOST:PORT)")
         self.timeout_s = timeout_s
-        self._channels = ChannelCache()
+        self.allow_unsigned = allow_unsigned
+        # a dht-node answers at most a BatchGet of 256 records of 56 KB
+        self._channels = ChannelCache(MAX_REPLY_BYTES, security)
         self._stubs: dict[str, dht_pb2_grpc.DhtStub] = {}
         self._preferred = 0  # index of the last node that answered
 
@@ -92,12 +107,12 @@ class DhtClient:
     async def get(self, key: str) -> Record:
         request = dht_pb2.GetRequest(key=key)
         response = await self._call("get", lambda s: s.Get(request, timeout=self.timeout_s))
-        return _record(response.record)
+        return self._trusted(key, response.record)
 
     async def batch_get(self, keys: Sequence[str]) -> list[Record]:
         request = dht_pb2.BatchGetRequest(keys=list(keys))
         response = await self._call("batch_get", lambda s: s.BatchGet(request, timeout=self.timeout_s))
-        records = [_record(r) for r in response.records]
+        records = [self._trusted(key, r) for key, r in zip(keys, response.records, strict=False)]
         if len(records) != len(keys):
             raise DhtUnavailable(f"batch get returned {len(records)} records for {len(keys)} keys")
         return records
@@ -121,8 +136,9 @@ class DhtClient:
         self._stubs.clear()
         await self._channels.close()
 
-
-def _record(msg: dht_pb2.Record) -> Record:
-    return {
-        item.subkey: SubkeyEntry(item.value, item.expiration, item.public_key, item.signature) for item in msg.items
-    }
+    def _trusted(self, key: str, msg: dht_pb2.Record) -> Record:
+        """The sub-keys of a reply that verify as their owners' (see the module docstring)."""
+        record = {
+            item.subkey: SubkeyEntry(item.value, item.expiration, item.public_key, item.signature) for item in msg.items
+        }
+        return verified(key, record, require_signed=not self.allow_unsigned)

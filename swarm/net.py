@@ -3,16 +3,25 @@
 Clients, shard servers (push, RTT probes) and dht-nodes all talk gRPC with the same options, so a limit or a
 keepalive setting is changed here once. Addresses are "HOST:PORT", with IPv6 literals in brackets
 ("[::1]:31337"), as gRPC itself writes them.
+
+Security (private swarms) is built here too, from one `Security` value per process: the swarm key's per-call
+proofs (swarm.auth interceptors) and optional TLS (server certificate + key; clients verify the server
+against a CA). `add_security_args` gives every CLI the same `--swarm-key/--tls-cert/--tls-key/--tls-ca`.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
+
+from swarm.auth import AccessInterceptor, AuthClientInterceptor, CallLimits, SwarmKey, load_swarm_key
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # a long prefill of a big model is tens of MiB; the gRPC default is 4 MiB
 
@@ -28,12 +37,14 @@ MIN_PING_INTERVAL_MS = 10_000
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
 
 
-def _common_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    if max_message_bytes <= 0:
-        raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
+def _common_options(max_message_bytes: int, max_receive_bytes: int | None = None) -> list[tuple[str, int]]:
+    receive = max_message_bytes if max_receive_bytes is None else max_receive_bytes
+    if max_message_bytes <= 0 or receive <= 0:
+        raise ValueError(f"message limits must be positive, got {max_message_bytes} and {receive}")
     return [
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
+        # gRPC refuses a message whose length prefix is over this before reading its body (RESOURCE_EXHAUSTED)
+        ("grpc.max_receive_message_length", receive),
     ]
 
 
@@ -50,10 +61,13 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
     ]
 
 
-def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Options of every gRPC server (shard servers and dht-nodes)."""
+def server_options(
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_receive_bytes: int | None = None
+) -> list[tuple[str, int]]:
+    """Options of every gRPC server (shard servers and dht-nodes). `max_receive_bytes` (default: the same as
+    `max_message_bytes`) bounds requests separately when replies may be larger than anything a client sends."""
     return [
-        *_common_options(max_message_bytes),
+        *_common_options(max_message_bytes, max_receive_bytes),
         # gRPC sets SO_REUSEPORT by default: two servers could then share one TCP port and split its traffic.
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_MS),
@@ -63,25 +77,155 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
     ]
 
 
-def open_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
-    """An insecure grpc.aio channel to "HOST:PORT" with the project's options. Bound to the running event
-    loop; cache it per address (ChannelCache) rather than opening one per call."""
+# ---- security: swarm key and TLS ----
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files. A server needs `cert` (its chain) and `key`; a client verifies servers against `ca` (None:
+    the system's roots). `server_name` overrides the name checked in server certificates (one certificate
+    for a whole private swarm, e.g. "pollen"); None checks the host of the address dialled."""
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("--tls-cert and --tls-key go together (the server's certificate and its private key)")
+        for flag, path in (("--tls-cert", self.cert), ("--tls-key", self.key), ("--tls-ca", self.ca)):
+            if path is not None and not Path(path).expanduser().is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+
+    @property
+    def serves(self) -> bool:
+        return self.cert is not None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        if self.cert is None or self.key is None:
+            raise ValueError("a TLS server needs --tls-cert and --tls-key")
+        return grpc.ssl_server_credentials([(_read(self.key), _read(self.cert))])
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=_read(self.ca) if self.ca else None)
+
+
+def _read(path: str) -> bytes:
+    return Path(path).expanduser().read_bytes()
+
+
+@dataclass(frozen=True)
+class Security:
+    """How a process talks to its swarm: plaintext (the default), with a swarm key, with TLS, or both."""
+
+    swarm_key: SwarmKey | None = None
+    tls: TlsFiles | None = None
+
+    @classmethod
+    def from_options(
+        cls,
+        swarm_key: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Security:
+        """From file paths (CLI flags or a client's keyword arguments); the key may also come from
+        $POLLEN_SWARM_KEY. Raises ValueError (SwarmKeyError) with a message that says what to fix."""
+        tls = TlsFiles(tls_cert, tls_key, tls_ca) if (tls_cert or tls_key or tls_ca) else None
+        return cls(load_swarm_key(swarm_key, env), tls)
+
+    def describe(self) -> str:
+        """For the startup log line: never the key itself."""
+        parts = [f"swarm key {self.swarm_key.key_id}" if self.swarm_key else "no swarm key"]
+        parts.append("TLS" if self.tls is not None else "plaintext gRPC")
+        return ", ".join(parts)
+
+
+PLAINTEXT = Security()
+
+
+def add_security_args(parser: argparse.ArgumentParser) -> None:
+    """--swarm-key/--tls-cert/--tls-key/--tls-ca, the same on every Pollen command."""
+    group = parser.add_argument_group("private swarms")
+    group.add_argument(
+        "--swarm-key",
+        metavar="FILE",
+        help="join a private swarm: a file with >= 32 random bytes (hex or raw) shared by all its processes; "
+        "every gRPC call carries a proof of it and every DHT datagram a MAC (default: $POLLEN_SWARM_KEY if set). "
+        "Create one with `python -m swarm.auth FILE`",
+    )
+    group.add_argument("--tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate (chain)")
+    group.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    group.add_argument(
+        "--tls-ca", metavar="PEM", help="dial other processes over TLS and verify them against this CA bundle"
+    )
+
+
+def security_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Security:
+    return Security.from_options(args.swarm_key, args.tls_cert, args.tls_key, args.tls_ca, env)
+
+
+def open_channel(
+    address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, security: Security = PLAINTEXT
+) -> grpc.aio.Channel:
+    """A grpc.aio channel to "HOST:PORT" with the project's options, TLS and swarm-key proofs if `security`
+    says so. Bound to the running event loop; cache it per address (ChannelCache) rather than per call."""
     parse_address(address)  # a clear ValueError now rather than an opaque UNAVAILABLE later
-    return grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
+    options = channel_options(max_message_bytes)
+    interceptors = [AuthClientInterceptor(security.swarm_key)] if security.swarm_key is not None else None
+    if security.tls is None:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    if security.tls.server_name:
+        options.append(("grpc.ssl_target_name_override", security.tls.server_name))  # type: ignore[arg-type]
+    creds = security.tls.channel_credentials()
+    return grpc.aio.secure_channel(address, creds, options=options, interceptors=interceptors)
+
+
+def create_server(
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    *,
+    security: Security = PLAINTEXT,
+    limits: CallLimits | None = None,
+    max_receive_bytes: int | None = None,
+    extra_options: Sequence[tuple[str, int]] = (),
+    maximum_concurrent_rpcs: int | None = None,
+) -> grpc.aio.Server:
+    """A grpc.aio server with the project's options; with a swarm key every call but health checks needs a
+    proof (UNAUTHENTICATED otherwise), with `limits` each IP gets a call rate and a cap of unary calls in
+    flight (RESOURCE_EXHAUSTED beyond). Bind it with `bind_server` so TLS is used when configured."""
+    interceptors = []
+    if security.swarm_key is not None or limits is not None:
+        interceptors.append(AccessInterceptor(security.swarm_key, limits))
+    return grpc.aio.server(
+        interceptors=interceptors,
+        options=[*server_options(max_message_bytes, max_receive_bytes), *extra_options],
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+    )
+
+
+def bind_server(server: grpc.aio.Server, address: str, security: Security = PLAINTEXT) -> int:
+    """Listen on "HOST:PORT" (port 0 picks one), over TLS if `security` has a server certificate; returns the
+    port. Raises RuntimeError if the port is taken."""
+    if security.tls is not None and security.tls.serves:
+        return server.add_secure_port(address, security.tls.server_credentials())
+    return server.add_insecure_port(address)
 
 
 class ChannelCache:
     """Channels by address, opened on first use. Must be used from one event loop (grpc.aio channels are
     bound to theirs)."""
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, security: Security = PLAINTEXT) -> None:
         self.max_message_bytes = max_message_bytes
+        self.security = security
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = open_channel(address, self.max_message_bytes)
+            channel = self._channels[address] = open_channel(address, self.max_message_bytes, self.security)
         return channel
 
     async def discard(self, address: str) -> None:

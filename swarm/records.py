@@ -197,10 +197,11 @@ class EntryLike(Protocol):
     def signature(self) -> bytes: ...
 
 
-def signature_problem(key: str, subkey: str, entry: EntryLike, require_signed: bool = False) -> str | None:
-    """None if a reader may trust this sub-key, else why not (defence in depth: dht-nodes check this too,
-    but a reader should not have to trust the one node it asked). A signed sub-key must verify; an unsigned
-    one passes only if `require_signed` is off and it does not pose as a peer id (impersonating a server)."""
+def signature_problem(key: str, subkey: str, entry: EntryLike, require_signed: bool = True) -> str | None:
+    """None if a reader may trust this sub-key, else why not. Readers check this themselves: the dht-node a
+    client asks may be the one lying. By default every sub-key must be signed by the owner its name says
+    (sub-key == peer id of the public key). `require_signed=False` is for plain sub-keys on private test swarms
+    (dht-node --allow-unsigned): an unsigned sub-key then passes only if it does not pose as a peer id."""
     if not entry.public_key and not entry.signature and not require_signed and not looks_like_peer_id(subkey):
         return None
     return verify(key, subkey, entry.value, entry.expiration, entry.public_key, entry.signature)
@@ -209,7 +210,7 @@ def signature_problem(key: str, subkey: str, entry: EntryLike, require_signed: b
 E = TypeVar("E", bound=EntryLike)
 
 
-def verified(key: str, record: Mapping[str, E], require_signed: bool = False) -> dict[str, E]:
+def verified(key: str, record: Mapping[str, E], require_signed: bool = True) -> dict[str, E]:
     """The sub-keys of `record` whose signatures a reader may trust (see signature_problem)."""
     out = {}
     for subkey, entry in record.items():
@@ -226,19 +227,20 @@ def decode_server_records(
     entries: Mapping[str, EntryLike],
     now: float | None = None,
     *,
-    require_signed: bool = False,
     skipped: Counter[str] | None = None,
 ) -> dict[str, ServerRecord]:
     """The trustworthy, well-formed, unexpired ServerRecords of one block key ("<model>.block.<i>"), by peer
-    id. Skips (and counts in `skipped` by reason) sub-keys that fail their signature, are not a ServerRecord,
-    have expired by `now` (default: time.time()), name another model or a span without that block, or
-    whose record names a peer other than its signer. Peers can write anything, so none of this is an error.
+    id. A server record is always signed: its sub-key must be the peer id of the key that signed it, and the
+    record must name that same peer, so whoever answers a lookup cannot announce (or redirect) any server.
+    Skips (and counts in `skipped` by reason) sub-keys that are unsigned or fail their signature, are not a
+    ServerRecord, have expired by `now` (default: time.time()), name another model or a span without that
+    block, or name a peer other than their signer. Peers can write anything, so none of this is an error.
     State (ONLINE/DRAINING), model hash and precision are the caller's policy, not checked here."""
     now = time.time() if now is None else now
     block = _split_block_key(key)
     out: dict[str, ServerRecord] = {}
     for subkey, entry in entries.items():
-        result = _decode_one(key, block, subkey, entry, now, require_signed)
+        result = _decode_one(key, block, subkey, entry, now)
         if isinstance(result, ServerRecord):
             out[result.peer_id] = result
             continue
@@ -250,14 +252,14 @@ def decode_server_records(
 
 
 def _decode_one(
-    key: str, block: tuple[str, int] | None, subkey: str, entry: EntryLike, now: float, require_signed: bool
+    key: str, block: tuple[str, int] | None, subkey: str, entry: EntryLike, now: float
 ) -> ServerRecord | tuple[str, str]:
     """The record, or (reason to count, detail to log) why it is unusable."""
     if block is None:
         return "not a block key", repr(key[:64])
-    problem = signature_problem(key, subkey, entry, require_signed)
+    problem = signature_problem(key, subkey, entry, require_signed=True)
     if problem is not None:
-        return "bad signature", problem
+        return ("unsigned" if not entry.public_key and not entry.signature else "bad signature"), problem
     record = ServerRecord.decode(entry.value)
     if record is None:
         return "garbage", ""
@@ -267,6 +269,6 @@ def _decode_one(
         return "other model_id", repr(record.model_id[:64])
     if block[1] not in record.blocks:
         return "wrong block", f"announces {record.blocks} under block {block[1]}"
-    if entry.public_key and record.peer_id != subkey:
+    if record.peer_id != subkey:  # subkey == the signer's peer id (checked above)
         return "not its signer", f"record names {record.peer_id[:16]!r}"
     return record

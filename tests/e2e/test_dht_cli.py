@@ -53,13 +53,13 @@ async def test_store_on_one_process_get_on_another_then_sigterm() -> None:
         joiners = [procs.start_dht(f"dht{i}", [boot.address], *flags) for i in (1, 2)]
         nodes = [boot, *joiners]
         try:
-            writer = DhtClient([joiners[0].address])
+            writer = DhtClient([joiners[0].address], allow_unsigned=True)
             assert await asyncio.wait_for(
                 writer.store("e2e.key", "peer", b"across processes", time.time() + 60), HANG_S
             )
             await writer.close()
             for proc in (boot, joiners[1]):
-                reader = DhtClient([proc.address])
+                reader = DhtClient([proc.address], allow_unsigned=True)
                 record = await asyncio.wait_for(reader.get("e2e.key"), HANG_S)
                 await reader.close()
                 assert record["peer"].value == b"across processes"

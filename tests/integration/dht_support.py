@@ -14,7 +14,8 @@ from typing import Any
 import umsgpack
 from kademlia.utils import digest
 
-from dht_node.protocol import CLIENT_ID, REQUEST, RESPONSE
+from dht_node.protocol import CLIENT_ID
+from dht_node.wire import REQUEST, RESPONSE
 from swarm.blocks import block_key
 
 HANG_S = 120.0  # bounds for a hung test only: never a speed requirement, a loaded machine stays far below

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kademlia.utils import digest
 
 from dht_node.node import DhtNode
-from swarm.dht_client import DhtClient
+from swarm.dht_client import DhtClient as _DhtClient
 from swarm.errors import InvalidRequest
 from swarm.pb import dht_pb2, dht_pb2_grpc
 from tests.integration.dht_support import HANG_S, ManualClock, UdpPeer, garbage_datagrams, wait_until
@@ -65,18 +65,23 @@ async def swarm() -> AsyncIterator[list[DhtNode]]:
 
 
 @pytest_asyncio.fixture
-async def clients(swarm: list[DhtNode]) -> AsyncIterator[list[DhtClient]]:
+async def clients(swarm: list[DhtNode]) -> AsyncIterator[list[_DhtClient]]:
     """One single-address client per node, so each call is answered by that very node."""
     out = [DhtClient([node.address], timeout_s=5.0) for node in swarm]
     yield out
     await bounded(asyncio.gather(*(c.close() for c in out)))
 
 
+def DhtClient(addresses: list[str], timeout_s: float = 5.0) -> _DhtClient:  # noqa: N802 - stands in for the class
+    """These tests store plain sub-keys on `require_signatures=False` nodes: the client must return them too."""
+    return _DhtClient(addresses, timeout_s, allow_unsigned=True)
+
+
 def unique(name: str) -> str:
     return f"{name}-{os.urandom(4).hex()}"
 
 
-async def test_ping_and_same_port_for_udp_and_grpc(swarm: list[DhtNode], clients: list[DhtClient]) -> None:
+async def test_ping_and_same_port_for_udp_and_grpc(swarm: list[DhtNode], clients: list[_DhtClient]) -> None:
     reply = await bounded(clients[2].ping())
     assert reply.address == swarm[2].address
     assert reply.node_id == swarm[2].node_id and len(reply.node_id) == 40
@@ -87,7 +92,7 @@ async def test_ping_and_same_port_for_udp_and_grpc(swarm: list[DhtNode], clients
 
 
 async def test_record_stored_via_one_node_is_found_at_every_node(
-    swarm: list[DhtNode], clients: list[DhtClient]
+    swarm: list[DhtNode], clients: list[_DhtClient]
 ) -> None:
     key = unique("model.block.7")
     expiration = time.time() + 60
@@ -113,7 +118,7 @@ async def test_store_reports_replicas(swarm: list[DhtNode]) -> None:
     assert 1 <= reply.replicas <= KSIZE
 
 
-async def test_subkeys_written_through_different_nodes_merge(swarm: list[DhtNode], clients: list[DhtClient]) -> None:
+async def test_subkeys_written_through_different_nodes_merge(swarm: list[DhtNode], clients: list[_DhtClient]) -> None:
     key = unique("merge")
     expiration = time.time() + 60
     await bounded(asyncio.gather(*(c.store(key, f"peer-{i}", b"%d" % i, expiration) for i, c in enumerate(clients))))
@@ -122,7 +127,7 @@ async def test_subkeys_written_through_different_nodes_merge(swarm: list[DhtNode
         assert {sk: e.value for sk, e in record.items()} == {f"peer-{i}": b"%d" % i for i in range(N_NODES)}
 
 
-async def test_later_expiration_wins_across_nodes(clients: list[DhtClient]) -> None:
+async def test_later_expiration_wins_across_nodes(clients: list[_DhtClient]) -> None:
     key = unique("newer")
     now = time.time()
     await bounded(clients[0].store(key, "s", b"newer", now + 60))
@@ -156,7 +161,7 @@ async def test_expired_subkeys_vanish() -> None:
         await stop_all(nodes)
 
 
-async def test_batch_get_keeps_request_order(clients: list[DhtClient]) -> None:
+async def test_batch_get_keeps_request_order(clients: list[_DhtClient]) -> None:
     keys = [unique(f"batch{i}") for i in range(5)]
     expiration = time.time() + 60
     for i, key in enumerate(keys):
@@ -195,7 +200,7 @@ async def test_batch_get_keeps_request_order(clients: list[DhtClient]) -> None:
     ],
 )
 async def test_malformed_store_is_invalid_argument_and_node_keeps_serving(
-    swarm: list[DhtNode], clients: list[DhtClient], request_: dht_pb2.StoreRequest, message: str
+    swarm: list[DhtNode], clients: list[_DhtClient], request_: dht_pb2.StoreRequest, message: str
 ) -> None:
     async with grpc.aio.insecure_channel(swarm[1].address) as channel:
         stub = dht_pb2_grpc.DhtStub(channel)
@@ -208,14 +213,14 @@ async def test_malformed_store_is_invalid_argument_and_node_keeps_serving(
     assert (await bounded(clients[2].get(key)))["s"].value == b"ok"
 
 
-async def test_bad_gets_are_invalid_argument(clients: list[DhtClient]) -> None:
+async def test_bad_gets_are_invalid_argument(clients: list[_DhtClient]) -> None:
     with pytest.raises(InvalidRequest, match="empty"):
         await bounded(clients[0].get(""))
     with pytest.raises(InvalidRequest, match="at most"):
         await bounded(clients[0].batch_get([f"k{i}" for i in range(1000)]))
 
 
-async def test_garbage_datagrams_do_not_break_a_node(swarm: list[DhtNode], clients: list[DhtClient]) -> None:
+async def test_garbage_datagrams_do_not_break_a_node(swarm: list[DhtNode], clients: list[_DhtClient]) -> None:
     victim = swarm[3]
     peers_before = victim.peer_count()
     peer = await UdpPeer.open()
@@ -302,7 +307,7 @@ async def test_records_survive_churn_through_republish() -> None:
     # k=2 of 5 nodes: stop every original holder; the record lives on only if republish moved it. Complete
     # routing tables (mesh) make the lookup's success depend on republish alone, not on who knows whom.
     nodes = await start_swarm(5, mesh=True, ksize=2, alpha=2, rpc_timeout_s=2.0, republish_period_s=0.3)
-    clients: list[DhtClient] = []
+    clients: list[_DhtClient] = []
     try:
         key = unique("churn")
         clients.append(DhtClient([nodes[0].address]))

@@ -52,27 +52,30 @@ def signed_entry(identity: Identity, key: str = KEY, expires: float = NOW + 60, 
 
 
 def test_decode_server_records_keeps_only_trustworthy_live_records():
-    good, other, liar, thief = (Identity.generate() for _ in range(4))
+    good, other, liar, thief, junk, wrong = (Identity.generate() for _ in range(6))
     plain = ServerRecord(peer_id="p", address="h:1", model_id="m", start=3, end=4).encode()
+    garbage = b"{not json"
     entries = {
         good.peer_id: signed_entry(good),
         other.peer_id: signed_entry(other, expires=NOW - 1),  # expired
         liar.peer_id: signed_entry(liar, model_id="n"),  # under m's key, names model n
         thief.peer_id: signed_entry(thief, peer_id=good.peer_id),  # signed by thief, claims to be good
         "stolen" + good.peer_id[6:]: signed_entry(good),  # good's signature on someone else's sub-key
-        "f" * 40: SubkeyEntry(plain, NOW + 60),  # unsigned, but poses as a peer id
-        "plain": SubkeyEntry(plain, NOW + 60),  # unsigned, honest name: fine on a private swarm
-        "junk": SubkeyEntry(b"{not json", NOW + 60),
-        "wrong": SubkeyEntry(ServerRecord(peer_id="w", address="h:1", model_id="m", start=0, end=3).encode(), NOW + 60),
+        "f" * 40: SubkeyEntry(plain, NOW + 60),  # unsigned, poses as a peer id
+        "plain": SubkeyEntry(plain, NOW + 60),  # unsigned under an honest name: whoever answered could write it
+        junk.peer_id: SubkeyEntry(garbage, NOW + 60, junk.public_key, junk.sign(KEY, junk.peer_id, garbage, NOW + 60)),
+        wrong.peer_id: signed_entry(wrong, start=0, end=3),  # announces blocks 0..2 under block 3
     }
     skipped: Counter[str] = Counter()
     out = decode_server_records(KEY, entries, NOW, skipped=skipped)
-    assert set(out) == {good.peer_id, "p"} and out[good.peer_id].peer_id == good.peer_id
+    assert set(out) == {good.peer_id} and out[good.peer_id].peer_id == good.peer_id
     assert skipped == Counter(
-        {"bad signature": 2, "expired": 1, "other model_id": 1, "not its signer": 1, "garbage": 1, "wrong block": 1}
-    )
-    assert set(decode_server_records(KEY, entries, NOW, require_signed=True)) == {good.peer_id}
+        {"bad signature": 1, "unsigned": 2, "expired": 1, "other model_id": 1, "not its signer": 1, "garbage": 1,
+         "wrong block": 1}
+    )  # fmt: skip
     # a record copied under another block key fails its signature (the key is signed)
     assert decode_server_records("m.block.4", {good.peer_id: signed_entry(good)}, NOW) == {}
     assert decode_server_records("not-a-block-key", entries, NOW) == {}
-    assert set(verified(KEY, entries)) == set(entries) - {"stolen" + good.peer_id[6:], "f" * 40}
+    # readers of other keys: signed sub-keys only, unless plain names are explicitly allowed (test swarms)
+    assert "plain" not in verified(KEY, entries) and "f" * 40 not in verified(KEY, entries)
+    assert set(verified(KEY, entries, require_signed=False)) == set(entries) - {"stolen" + good.peer_id[6:], "f" * 40}
