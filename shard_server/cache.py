@@ -21,6 +21,7 @@ from typing import Any
 from shard_server.backend import KvHandle
 from swarm.blocks import BlockRange
 from swarm.errors import CacheExhausted, ServerDraining
+from swarm.models.lora import LoraSet
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ class Session:
     max_length: int
     batch_size: int
     reserved_tokens: int  # max_length × batch_size
-    reserved_bytes: int  # what the preallocated KV buffers of this session may occupy
+    reserved_bytes: int  # what the preallocated KV buffers (and the client's LoRA) of this session may occupy
     kv: KvHandle = field(repr=False)  # its tensors are created on the worker at the first step
+    lora: LoraSet | None = field(default=None, repr=False)  # adapter and/or client LoRA for every step
     length: int = 0  # tokens in the KV cache; the next step's position must be <= this
     last_active: float = field(default_factory=time.monotonic)
     task: asyncio.Task[Any] | None = field(default=None, repr=False)  # the stream's handler, to end it
@@ -130,17 +132,27 @@ class SessionCache:
     # ---- admission --------------------------------------------------------------------------------------
 
     async def open(
-        self, session_id: str, blocks: BlockRange, max_length: int, batch_size: int, timeout_s: float | None = None
+        self,
+        session_id: str,
+        blocks: BlockRange,
+        max_length: int,
+        batch_size: int,
+        timeout_s: float | None = None,
+        extra_bytes: int = 0,
     ) -> Session:
         """Admit a session, waiting up to the alloc timeout for room; the caller must `release` it.
 
+        `extra_bytes`: what else the session keeps on the server for its life (the client's LoRA weights); it is
+        reserved from the same budget as the cache, so no client can grow the server's memory past it.
         Raises ServerDraining while shutting down or moving, CacheExhausted when the budget stays full.
         """
         if self._draining:
             raise ServerDraining("server is shutting down and accepts no new sessions; use another server")
         tokens = max_length * batch_size
-        need = tokens * self.token_bytes_per_block * len(blocks)
+        need = tokens * self.token_bytes_per_block * len(blocks) + extra_bytes
         what = f"session {session_id!r} asks for {tokens} cache tokens (max_length {max_length} x batch {batch_size})"
+        if extra_bytes:
+            what += f" + {format_bytes(extra_bytes)} of LoRA weights"
         if need > self.budget_bytes:
             raise CacheExhausted(
                 f"{what} = {format_bytes(need)} over blocks {blocks} but only {self.tokens_left} of "
@@ -184,7 +196,8 @@ class SessionCache:
             return
         self._used_bytes -= session.reserved_bytes
         self._admitted -= 1
-        session.kv.cache = None  # the worker is done with it (the caller waited for its last step to settle)
+        session.kv.cache = None
+        session.lora = None  # the worker is done with it (the caller waited for its last step to settle)
         log.info("session %s closed after %d tokens; %d cache tokens left", session.session_id, session.length,
                  self.tokens_left)  # fmt: skip
         self._grant_waiters()

@@ -127,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "the peer id derives from it (default: a fresh ephemeral identity per start)")
     p.add_argument("--drain-timeout", type=float, default=5.0,
                    help="seconds open sessions may keep running after SIGTERM before being cancelled")
+    p.add_argument("--adapters", default="",
+                   help="comma-separated PEFT LoRA adapter folders to serve (adapter_config.json + "
+                        "adapter_model.safetensors), each NAME=PATH or PATH (named after the folder); only the "
+                        "held blocks' weights are read; clients pick one by name")
+    p.add_argument("--max-lora-rank", type=_positive_int, default=64,
+                   help="largest rank of the LoRA weights a fine-tuning client may send with its requests")
+    p.add_argument("--max-backward-tokens", type=_positive_int, default=None,
+                   help="largest Backward request in tokens (batch x seq); default: as many as fit a quarter of "
+                        "the memory free after loading, at most 2048")
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="log level (default: $POLLEN_LOG_LEVEL or INFO)")
     # fmt: on
@@ -173,6 +182,9 @@ def config_from_args(args: argparse.Namespace) -> ShardServerConfig:
         throughput_cache=args.throughput_cache,
         network_mbps=args.network_mbps,
         metrics_port=args.metrics_port,
+        adapters=tuple(item.strip() for item in args.adapters.split(",") if item.strip()),
+        max_lora_rank=args.max_lora_rank,
+        max_backward_tokens=args.max_backward_tokens,
     )
 
 

@@ -85,6 +85,13 @@ class ShardServerConfig:
     network_mbps: float | None = None
     # Port of the Prometheus /metrics endpoint on `host`; None = off, 0 = a free port (logged).
     metrics_port: int | None = None
+    # ---- fine-tuning ----
+    # PEFT LoRA adapter folders to serve, "NAME=PATH" or "PATH" (named after the folder); read for held blocks only.
+    adapters: tuple[str, ...] = ()
+    # Largest rank of the LoRA weights a client may send with its requests.
+    max_lora_rank: int = 64
+    # Largest Backward request in tokens (batch x seq); None = as many as the activation budget allows (<= 2048).
+    max_backward_tokens: int | None = None
 
     def __post_init__(self) -> None:
         # Checked here as well as in argparse so in-process users (tests, embedders) get the same errors.
@@ -124,6 +131,10 @@ class ShardServerConfig:
             raise ValueError(f"unknown quantization {self.quant!r}; choose none, int8 or nf4")
         if self.int8_threshold < 0:
             raise ValueError("int8_threshold must be >= 0")
+        if self.max_lora_rank < 1:
+            raise ValueError("max_lora_rank must be at least 1")
+        if self.max_backward_tokens is not None and self.max_backward_tokens < 1:
+            raise ValueError("max_backward_tokens must be at least 1")
 
     @property
     def announce_every_s(self) -> float:

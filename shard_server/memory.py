@@ -1,5 +1,6 @@
 """Memory arithmetic before and after loading: free device memory, a block's weight bytes from the checkpoint's
-tensor headers (nothing is loaded), how many blocks fit, the default KV-cache budget, and the process RSS.
+tensor headers (nothing is loaded), how many blocks fit, the default KV-cache budget, the activation memory of a
+Backward (and so how many tokens one may carry), and the process RSS.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import functools
 import json
 import logging
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +17,8 @@ import torch
 from shard_server.loader import ModelInfo
 from shard_server.quant import QUANT_CHOICES, quantizable_linears, quantized_weight_bytes
 from swarm.model_files import Checkpoint
+from swarm.models import ModelFamily
+from swarm.models.lora import linear_modules
 from swarm.tensors import dtype_from_name
 
 log = logging.getLogger(__name__)
@@ -27,6 +31,10 @@ HEADROOM_FRACTION = 0.1
 DEFAULT_CACHE_FRACTION = 0.5
 # With no --num-blocks, this many cache tokens per block are reserved while deciding how many blocks fit.
 PLAN_CACHE_TOKENS = 4096
+# With no --max-backward-tokens: a Backward may carry up to this many tokens (Petals' default) if they fit the
+# activation budget, which is this share of what is free once the weights are loaded (the KV cache takes half).
+DEFAULT_BACKWARD_TOKENS = 2048
+ACTIVATION_FRACTION = 0.25
 
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
@@ -65,11 +73,82 @@ def usable_bytes(free_bytes: int) -> int:
     return max(0, int(free_bytes * (1 - HEADROOM_FRACTION)) - HEADROOM_BYTES)
 
 
-def plan_num_blocks(free_bytes: int, block_bytes: int, kv_token_bytes_per_block: int, total_blocks: int) -> int:
-    """As many blocks as fit with their weights plus PLAN_CACHE_TOKENS tokens of cache each (at least 1)."""
+def plan_num_blocks(
+    free_bytes: int,
+    block_bytes: int,
+    kv_token_bytes_per_block: int,
+    total_blocks: int,
+    activations: ActivationModel | None = None,
+) -> int:
+    """As many blocks as fit with their weights plus PLAN_CACHE_TOKENS tokens of cache each, and (given the
+    activation model) a Backward of DEFAULT_BACKWARD_TOKENS tokens through all of them (at least 1)."""
     per_block = block_bytes + PLAN_CACHE_TOKENS * kv_token_bytes_per_block
-    fit = usable_bytes(free_bytes) // max(1, per_block)
+    usable = usable_bytes(free_bytes)
+    if activations is not None:
+        # a block-by-block Backward keeps every block's input, plus one block's graph whatever the block count
+        per_block += activations.bytes(1, DEFAULT_BACKWARD_TOKENS, 1, False) - activations.bytes(
+            1, DEFAULT_BACKWARD_TOKENS, 0, False
+        )
+        usable -= activations.bytes(1, DEFAULT_BACKWARD_TOKENS, 0, False)
+    fit = max(0, usable) // max(1, per_block)
     return int(max(1, min(total_blocks, fit)))
+
+
+def default_activation_bytes(free_after_weights: int) -> int:
+    """The activation budget of one Forward/Backward (the worker runs one at a time)."""
+    return int(usable_bytes(free_after_weights) * ACTIVATION_FRACTION)
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """What autograd keeps during a Backward, per token and block, as an upper bound.
+
+    Measured with `saved_tensors_hooks` (tests/unit/test_lora_backward.py checks the bound for every family):
+    per token and block the saved tensors take less than the sum of the in + out features of the block's linear
+    layers (and of the experts a token is routed to) plus 4 × hidden for norms and residuals, in the compute
+    dtype; sdpa keeps a float32 copy of the boolean mask per block ([batch, seq, seq]); ALiBi's float bias
+    `[batch, heads, seq, seq]` is built once per hop and shared by every block.
+    """
+
+    hidden: int
+    per_token_block: int  # elements
+    heads: int
+    alibi: bool
+    element_bytes: int
+
+    def bytes(self, batch: int, seq: int, blocks: int, whole_graph: bool) -> int:
+        """Activation bytes of a Backward of [batch, seq] over `blocks` blocks: one graph over all of them, or
+        (whole_graph=False) every block's input kept plus one block's graph at a time."""
+        tokens, el = batch * seq, self.element_bytes
+        one_block = tokens * self.per_token_block * el + batch * seq * seq * 4
+        shared = batch * self.heads * seq * seq * el if self.alibi else 0
+        gradients = 2 * tokens * self.hidden * el  # the gradient flowing back and the one being computed
+        if whole_graph:
+            return blocks * one_block + shared + gradients
+        return blocks * tokens * self.hidden * el + one_block + shared + gradients
+
+    def max_tokens(self, budget_bytes: int, blocks: int, cap: int) -> int:
+        """The most tokens a block-by-block Backward may carry within `budget_bytes`, whatever their batch × seq
+        split (a single sequence is the worst case: the attention terms grow with seq²); at least 1."""
+        lo, hi = 1, max(1, cap)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.bytes(1, mid, blocks, False) <= budget_bytes:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+def activation_model(family: ModelFamily, dtype: torch.dtype) -> ActivationModel:
+    with torch.device("meta"):
+        block = family.build_block()
+    per_token = sum(i + o for i, o in linear_modules(block).values()) + 4 * family.hidden_size
+    # experts that are not nn.Linear (Mixtral's fused [experts, out, in] tensors): a token runs top-k of them
+    top_k = int(getattr(family.config, "num_experts_per_tok", 1) or 1)
+    per_token += top_k * sum(p.shape[1] + p.shape[2] for p in block.parameters() if p.dim() == 3)
+    alibi = family.name == "bloom" or bool(getattr(family.config, "alibi", False))
+    return ActivationModel(family.hidden_size, per_token, family.config.num_attention_heads, alibi, dtype.itemsize)
 
 
 def default_cache_bytes(free_after_weights: int) -> int:

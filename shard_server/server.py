@@ -26,6 +26,7 @@ import torch
 
 import swarm
 from shard_server import startup
+from shard_server.adapters import AdapterSpec, load_adapters, parse_specs, read_config
 from shard_server.announcer import Announcer
 from shard_server.backend import BlockBackend
 from shard_server.block_selection import choose_blocks
@@ -39,6 +40,7 @@ from shard_server.rebalancer import Rebalancer, fetch_records
 from shard_server.scheduler import Scheduler
 from shard_server.servicer import ShardServicer
 from shard_server.throughput import Throughput
+from shard_server.tuning import TuningLimits
 from swarm.aio import TaskSet, install_signal_handlers, write_ready_file
 from swarm.blocks import BlockRange
 from swarm.dht_client import DhtClient
@@ -84,6 +86,7 @@ class ShardServer:
         self._dtype = torch.float32
         self._model_hash = ""
         self._stopped = False
+        self._adapter_specs: tuple[AdapterSpec, ...] = ()  # --adapters, checked before anything is bound
 
     @property
     def address(self) -> str:
@@ -115,6 +118,9 @@ class ShardServer:
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self._model_hash = config_fingerprint(info.path)
+        self._adapter_specs = parse_specs(cfg.adapters)
+        for spec in self._adapter_specs:
+            read_config(spec.path)  # a missing folder or an unsupported feature fails before any port is bound
         try:
             if peers:
                 self._dht = DhtClient(peers)
@@ -123,7 +129,7 @@ class ShardServer:
             blocks = self.blocks = await self._choose_blocks(info, device)
             servicer = self.servicer = ShardServicer(
                 self.model_id, blocks, self.cache, self.scheduler, self.live_record, cfg.inference_max_length,
-                cfg.max_batch_size, cfg.max_message_bytes,
+                cfg.max_batch_size, cfg.max_message_bytes, max_backward_tokens=cfg.max_backward_tokens,
             )  # fmt: skip
             front = self._front = GrpcFront(servicer, cfg.host, cfg.port, cfg.max_message_bytes)
             await front.start()
@@ -136,7 +142,7 @@ class ShardServer:
             await self._size_cache(backend)
             await self._measure(backend)
             self.memory_report = startup.memory_report(backend, rss_before)
-            servicer.backend = backend
+            await self._serve_backend(backend)
             self.state = ServerState.ONLINE
 
             self._announcer = Announcer(
@@ -187,6 +193,20 @@ class ShardServer:
         )
         log.info("loaded blocks %s of %s in %.2f s", blocks, info.path, time.perf_counter() - t0)
         return BlockBackend(span, device, dtype)
+
+    async def _serve_backend(self, backend: BlockBackend) -> None:
+        """Hand the loaded blocks to the servicer with what fine-tuning clients may use on them: the adapters
+        (for these blocks), the LoRA modules and rank limit, the Backward token limit from the activation budget."""
+        assert self.servicer is not None
+        adapters = await self.scheduler.run(load_adapters, self._adapter_specs, backend.span, backend.dtype)
+        budget, tokens = startup.backward_limits(self.config, backend)
+        self.servicer.max_backward_tokens = tokens
+        self.servicer.limits = TuningLimits(
+            backend.lora_modules(), backend.hidden_size, self.config.max_lora_rank, adapters
+        )
+        log.info("Backward: up to %d tokens per request (activation budget %.1f MiB)%s", tokens, budget / 2**20,
+                 f"; adapters {', '.join(adapters)}" if adapters else "")  # fmt: skip
+        self.servicer.backend = backend
 
     async def _size_cache(self, backend: BlockBackend) -> None:
         per_token_block = await self.scheduler.run(backend.kv_bytes_per_token)
@@ -258,6 +278,7 @@ class ShardServer:
             dtype=cfg.dtype,
             quant=cfg.quant,
             version=swarm.__version__,
+            adapters=[spec.name for spec in self._adapter_specs],
         )
 
     # ---- background work ----------------------------------------------------------------------------------
@@ -296,7 +317,7 @@ class ShardServer:
         self.blocks = servicer.blocks = announcer.blocks = target
         if self._peer_rtts is not None:
             self._peer_rtts.blocks = target
-        servicer.backend = backend
+        await self._serve_backend(backend)  # adapters re-read for the new blocks
         self.cache.stop_draining()
         self.state = ServerState.ONLINE
         # Later than the OFFLINE just stored for overlapping blocks, or the DHT would keep OFFLINE for them.

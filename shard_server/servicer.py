@@ -19,7 +19,9 @@ from shard_server.cache import Session, SessionCache
 from shard_server.inbox import StepInbox
 from shard_server.push import Pusher
 from shard_server.scheduler import PendingStep, Scheduler
+from shard_server.tuning import RequestTuning, TuningLimits, decode_tuning
 from shard_server.validation import (
+    check_backward_tokens,
     check_batch_tokens,
     check_open,
     check_target,
@@ -56,6 +58,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         max_batch_tokens: int,
         max_message_bytes: int,
         observer: Observer | None = None,
+        max_backward_tokens: int | None = None,
     ) -> None:
         self.model_id = model_id
         self.blocks = blocks
@@ -65,6 +68,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self.record = record
         self.inference_max_length = inference_max_length
         self.max_batch_tokens = max_batch_tokens
+        self.max_backward_tokens = max_backward_tokens or max_batch_tokens  # the server sets it from its memory plan
+        self.limits = TuningLimits({}, 0)  # what client tuning may name; set with the backend
         self.pusher = Pusher(max_message_bytes)
         self.backend: BlockBackend | None = None  # set by the server once the blocks are loaded
         self._inboxes: dict[str, StepInbox] = {}  # by the client's session_id: where pushes for it go
@@ -93,6 +98,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             inference_max_length=record.inference_max_length,
             state=record.state.value,
             record_json=record.encode(),
+            adapters=record.adapters,
         )
 
     @map_errors
@@ -103,8 +109,9 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             hidden = decode_hidden(request.hidden, "hidden", backend.hidden_size)
             check_batch_tokens(hidden, self.max_batch_tokens)
             mask = decode_mask(request, hidden.shape[0], hidden.shape[1])
+            tuning = self._tuning(request, blocks, hidden)
             t0 = time.perf_counter()
-            out = await self.scheduler.run_training(backend.forward, blocks, hidden, mask)
+            out = await self.scheduler.run_training(backend.forward, blocks, hidden, mask, tuning)
             self._observe("Forward", t0, hidden, "forward")
             await context.write(shard_pb2.ForwardResponse(request_id=request.request_id, hidden=to_proto(out)))
 
@@ -114,17 +121,25 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         while (request := await context.read()) is not grpc.aio.EOF:
             blocks = check_target(self.model_id, self.blocks, request, any_sub_range=True)
             hidden = decode_hidden(request.hidden, "hidden", backend.hidden_size)
-            check_batch_tokens(hidden, self.max_batch_tokens)
+            check_backward_tokens(hidden, min(self.max_batch_tokens, self.max_backward_tokens))
             grad_output = decode_hidden(request.grad_output, "grad_output", backend.hidden_size)
             if grad_output.shape != hidden.shape:
                 raise InvalidRequest(
                     f"grad_output shape {list(grad_output.shape)} differs from hidden shape {list(hidden.shape)}"
                 )
             mask = decode_mask(request, hidden.shape[0], hidden.shape[1])
+            tuning = self._tuning(request, blocks, hidden)
             t0 = time.perf_counter()
-            grad = await self.scheduler.run_training(backend.backward, blocks, hidden, grad_output, mask)
+            grads = await self.scheduler.run_training(backend.backward, blocks, hidden, grad_output, mask, tuning)
             self._observe("Backward", t0, hidden, "backward")
-            await context.write(shard_pb2.BackwardResponse(request_id=request.request_id, grad_input=to_proto(grad)))
+            response = shard_pb2.BackwardResponse(request_id=request.request_id, grad_input=to_proto(grads.grad_input))
+            if grads.grad_prompts is not None:
+                response.grad_prompts.CopyFrom(to_proto(grads.grad_prompts))
+            for (block, module), da, db in grads.grad_lora:
+                response.grad_lora.append(
+                    shard_pb2.LoraTensors(block=block, module=module, a=to_proto(da), b=to_proto(db))
+                )
+            await context.write(response)
 
     @map_errors
     async def InferenceStep(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
@@ -136,7 +151,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         if first.WhichOneof("kind") != "open":
             raise SessionNotFound("no open session: the first message of an InferenceStep stream must be `open`")
         backend = self._ready_backend()
-        session = await self._open_session(first.open)
+        session = await self._open_session(first.open, backend)
         session.task = asyncio.current_task()  # so an idle or moving server can end the stream
         inbox = self._inboxes[first.open.session_id] = StepInbox(context, session.session_id)  # reopen takes over
         pending: PendingStep | None = None  # the last step handed to the worker
@@ -204,10 +219,27 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             raise ServerDraining("server is still loading its blocks; retry shortly or use another server")
         return self.backend
 
-    async def _open_session(self, msg: shard_pb2.InferenceOpen) -> Session:
+    async def _open_session(self, msg: shard_pb2.InferenceOpen, backend: BlockBackend) -> Session:
         blocks = check_target(self.model_id, self.blocks, msg, any_sub_range=False)
         check_open(msg, self.inference_max_length)
-        return await self.cache.open(msg.session_id or "<unnamed>", blocks, msg.max_length, msg.batch_size or 1)
+        tuning = decode_tuning(msg.tuning, blocks, self.limits, None, None) if msg.HasField("tuning") else None
+        # The client's LoRA stays on the server for the whole session: its bytes count as cache (see cache.py).
+        extra = tuning.client_elements * backend.dtype.itemsize if tuning is not None else 0
+        session = await self.cache.open(
+            msg.session_id or "<unnamed>", blocks, msg.max_length, msg.batch_size or 1, extra_bytes=extra
+        )
+        if tuning is not None:
+            try:
+                session.lora = await self.scheduler.run(backend.session_lora, tuning)
+            except BaseException:
+                self.cache.release(session)
+                raise
+        return session
+
+    def _tuning(self, request: Any, blocks: BlockRange, hidden: Any) -> RequestTuning | None:
+        if not request.HasField("tuning"):
+            return None
+        return decode_tuning(request.tuning, blocks, self.limits, hidden.shape[0], hidden.shape[1])
 
     async def _push_after(
         self,

@@ -54,10 +54,23 @@ def blocks_that_fit(cfg: ShardServerConfig, info: ModelInfo, device: torch.devic
     block_bytes = memory.block_bytes(info, cfg.dtype, cfg.quant)
     kv = info.family.kv_bytes_per_token(dtype.itemsize)
     free = memory.free_memory_bytes(device)
-    n = memory.plan_num_blocks(free, block_bytes, kv, total)
-    log.info("%d of %d blocks fit: %.2f GiB free, %.3f GiB per block + %d cache tokens each", n, total,
-             free / memory.GIB, block_bytes / memory.GIB, memory.PLAN_CACHE_TOKENS)  # fmt: skip
+    activations = memory.activation_model(info.family, dtype)
+    n = memory.plan_num_blocks(free, block_bytes, kv, total, activations)
+    log.info("%d of %d blocks fit: %.2f GiB free, %.3f GiB per block + %d cache tokens each + a Backward of %d "
+             "tokens", n, total, free / memory.GIB, block_bytes / memory.GIB, memory.PLAN_CACHE_TOKENS,
+             memory.DEFAULT_BACKWARD_TOKENS)  # fmt: skip
     return n
+
+
+def backward_limits(cfg: ShardServerConfig, backend: BlockBackend) -> tuple[int, int]:
+    """(activation budget bytes, max tokens per Backward); the backend learns to estimate its activations."""
+    activations = memory.activation_model(backend.span.family, backend.dtype)
+    budget = memory.default_activation_bytes(memory.free_memory_bytes(backend.device))
+    backend.estimate_activations = activations.bytes
+    backend.activation_budget_bytes = budget
+    cap = min(cfg.max_batch_size, memory.DEFAULT_BACKWARD_TOKENS)
+    tokens = cfg.max_backward_tokens or activations.max_tokens(budget, len(backend.blocks), cap)
+    return budget, tokens
 
 
 def cache_budget_bytes(cfg: ShardServerConfig, per_token_block: int, held_blocks: int, device: torch.device) -> int:

@@ -11,6 +11,7 @@ import torch
 
 from shard_server.backend import StepItem
 from shard_server.cache import Session
+from shard_server.tuning import check_step_prompts, decode_prompts
 from swarm.blocks import BlockRange
 from swarm.errors import BlocksNotServed, CacheExhausted, InvalidRequest, ModelMismatch
 from swarm.pb import common_pb2, shard_pb2
@@ -72,6 +73,16 @@ def check_batch_tokens(hidden: torch.Tensor, max_batch_tokens: int) -> None:
         )
 
 
+def check_backward_tokens(hidden: torch.Tensor, max_backward_tokens: int) -> None:
+    """Backward's activations grow with its tokens: over the limit, the client splits the batch."""
+    tokens = hidden.shape[0] * hidden.shape[1]
+    if tokens > max_backward_tokens:
+        raise CacheExhausted(
+            f"Backward of {hidden.shape[0]}x{hidden.shape[1]} = {tokens} tokens is over this server's limit of "
+            f"{max_backward_tokens} tokens per Backward (its activation memory budget); split the batch"
+        )
+
+
 def check_open(msg: shard_pb2.InferenceOpen, inference_max_length: int) -> None:
     if msg.max_length == 0:
         raise InvalidRequest("open.max_length must be at least 1")
@@ -114,4 +125,8 @@ def decode_step(
             )
         if not (0 <= int(reorder.min()) and int(reorder.max()) < batch):
             raise InvalidRequest(f"hypo_ids must be in [0, {batch}), got {reorder.tolist()}")
-    return StepItem(session.kv, position, hidden, mask, reorder)
+    prompts = None
+    if step.HasField("prompts"):
+        prompts = decode_prompts(step.prompts, session.blocks, hidden_size, batch)
+        check_step_prompts(prompts, position, new_tokens)
+    return StepItem(session.kv, position, hidden, mask, reorder, session.lora, prompts)

@@ -7,6 +7,7 @@
   is a list of segments whose tokens are flattened into one `[N, hidden]` tensor: projections, norms and MLPs
   run once over all N rows (the weight-bound work), attention runs per segment over that segment's own cache.
   Prefill, decode, left-padded steps, batched steps of many sessions, Forward and Backward are all this one path.
+  A segment may carry fine-tuning (deep prompts, LoRA; see lora.py): it batches with untuned ones all the same.
 - `Span`: blocks [start, end) of one model on one server: the family's layers plus its per-hop prologue.
 - `ClientHead`: embeddings in, logits out (what a client keeps locally).
 - `ModelFamily`: one architecture: its config class, checkpoint names, block/span/head builders.
@@ -26,6 +27,7 @@ from torch import nn
 from swarm.blocks import BlockRange
 from swarm.model_files import Checkpoint
 from swarm.models.config import ModelConfig
+from swarm.models.lora import LoraSet, SpanTuning
 
 
 class CacheOverflow(ValueError):
@@ -86,6 +88,10 @@ class Segment:
     sees slots [0, input_pos + tokens); without it (Forward/Backward) it sees the segment's own tokens only.
     `mask` marks real tokens (False = left padding) over all those slots; positions (rotary, ALiBi) then count
     real tokens only, as transformers' `generate` does (`cumsum(mask) - 1`).
+
+    Fine-tuning, in the compute dtype and device: `prompts` (deep prompts, per local layer of the span
+    `[batch | 1, pre_seq_len, hidden]`, added before that layer to the rows at slots < pre_seq_len) and `lora`
+    (added to the segment's rows of the linear layers it names).
     """
 
     batch: int
@@ -93,10 +99,16 @@ class Segment:
     kv: KVCache | None = None
     input_pos: int = 0
     mask: torch.Tensor | None = None  # bool [batch, input_pos + tokens]
+    prompts: Sequence[torch.Tensor] | None = None
+    lora: LoraSet | None = None
 
     @property
     def rows(self) -> int:
         return self.batch * self.tokens
+
+    @property
+    def tuned(self) -> bool:
+        return self.prompts is not None or self.lora is not None
 
     @property
     def kv_length(self) -> int:
@@ -185,6 +197,7 @@ class Span(nn.Module):
     `forward(x, segments)` is the only compute entry point: `x` is `[N, hidden]`, the segments' rows in order.
     Families implement `prologue` (what is computed once per hop and shared by all layers: rotary tables,
     attention masks or ALiBi biases) and their layers' `forward(x, segments, ctx, layer_index)`.
+    A hop with a tuned segment runs through `tuning` (lora.SpanTuning); the others never touch it.
     """
 
     def __init__(self, family: ModelFamily, layers: Sequence[nn.Module], blocks: BlockRange) -> None:
@@ -192,12 +205,29 @@ class Span(nn.Module):
         self.family = family
         self.layers = nn.ModuleList(layers)
         self.blocks = blocks
+        self._tuning: SpanTuning | None = None  # built at the first tuned hop
 
     def forward(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:  # [N, hidden] -> [N, hidden]
         ctx = self.prologue(x, segments)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, segments, ctx, i)
+        if not any(seg.tuned for seg in segments):  # the one check a plain hop pays for fine-tuning
+            for i, layer in enumerate(self.layers):
+                x = layer(x, segments, ctx, i)
+            return x
+        tuning = self.tuning
+        tuning.begin(x, segments)
+        try:
+            for i in range(len(self.layers)):
+                x = tuning.layer(i, x, segments, ctx)
+        finally:
+            tuning.end()
         return x
+
+    @property
+    def tuning(self) -> SpanTuning:
+        """The tuned path over this span's layers (Backward drives it layer by layer)."""
+        if self._tuning is None:
+            self._tuning = SpanTuning(list(self.layers), self.blocks.start)
+        return self._tuning
 
     @abc.abstractmethod
     def prologue(self, x: torch.Tensor, segments: Sequence[Segment]) -> Any:
