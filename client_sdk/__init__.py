@@ -2,7 +2,8 @@
 
 Embeddings, final norm and LM head run locally; hidden states travel through the servers' spans.
 `SwarmClient` is the light entry point (torch, grpc and `tokenizers`, never `transformers`);
-`AutoDistributedModelForCausalLM` is the Hugging Face drop-in and imports transformers when first used.
+`AutoDistributedModelForCausalLM` and `AutoDistributedModelForSequenceClassification` are the Hugging Face
+drop-ins (with prompt tuning and client-owned LoRA) and import transformers when first used.
 Every name here is imported on first access, so `import client_sdk` itself costs nothing.
 """
 
@@ -15,6 +16,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from client_sdk.autograd import RemoteSequential
     from client_sdk.blocking import SwarmClient
+    from client_sdk.classification import (
+        AutoDistributedModelForSequenceClassification,
+        DistributedModelForSequenceClassification,
+    )
     from client_sdk.client import AsyncSwarmClient, SwarmInfo
     from client_sdk.config import ClientConfig
     from client_sdk.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
@@ -24,8 +29,10 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "AsyncSwarmClient": "client_sdk.client",
     "AutoDistributedModelForCausalLM": "client_sdk.model",
+    "AutoDistributedModelForSequenceClassification": "client_sdk.classification",
     "ClientConfig": "client_sdk.config",
     "DistributedModelForCausalLM": "client_sdk.model",
+    "DistributedModelForSequenceClassification": "client_sdk.classification",
     "RemoteSequential": "client_sdk.autograd",
     "SwarmClient": "client_sdk.blocking",
     "SwarmInfo": "client_sdk.client",
@@ -35,8 +42,10 @@ _EXPORTS = {
 __all__ = [
     "AsyncSwarmClient",
     "AutoDistributedModelForCausalLM",
+    "AutoDistributedModelForSequenceClassification",
     "ClientConfig",
     "DistributedModelForCausalLM",
+    "DistributedModelForSequenceClassification",
     "RemoteSequential",
     "SwarmClient",
     "SwarmInfo",

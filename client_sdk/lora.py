@@ -87,21 +87,22 @@ class ClientLora(nn.Module):
             model_type = family.config.model_type
             if model_type not in DEFAULTS:
                 raise ValueError(f"give LoraConfig(target_modules=...): PEFT has no default for {model_type!r}")
-            self.config.target_modules = set(DEFAULTS[model_type])
+            self.config.target_modules = list(DEFAULTS[model_type])
         self.family = family
         self.layers = nn.ModuleDict()
         self.targets: list[tuple[int, str, float]] = []  # (block, module, scaling), in parameter order
         modules = linear_modules(family)
         all_linear = self.config.target_modules == "all-linear"
+        ranks: dict[str, int] = self.config.rank_pattern or {}
+        alphas: dict[str, float] = self.config.alpha_pattern or {}
         for block in range(family.num_blocks):
             container = nn.Module()
             for name, (fin, fout) in modules.items():
                 key = self._key(block, name)
                 if not (all_linear or check_target_module_exists(self.config, key)):
                     continue
-                r = self.config.rank_pattern.get(get_pattern_key(self.config.rank_pattern.keys(), key), self.config.r)
-                alpha_key = get_pattern_key(self.config.alpha_pattern.keys(), key)
-                alpha = self.config.alpha_pattern.get(alpha_key, self.config.lora_alpha)
+                r = ranks.get(get_pattern_key(list(ranks), key), self.config.r)
+                alpha = alphas.get(get_pattern_key(list(alphas), key), self.config.lora_alpha)
                 scaling = alpha / math.sqrt(r) if self.config.use_rslora else alpha / r
                 _set_module(container, name, LoraPair(fin, fout, r, self.config.init_lora_weights))
                 self.targets.append((block, name, scaling))

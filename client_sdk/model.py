@@ -2,11 +2,13 @@
 model whose `generate()` is transformers' own GenerationMixin (greedy, sampling, beam search, logits
 processors, stopping criteria, streamers), while the transformer blocks run on the swarm.
 
-This is the only module of client_sdk that imports `transformers`, and it is imported on first use of these
-classes (see __init__.py). Embeddings, final norm and LM head run locally (the SwarmClient's `LocalModel`).
+Imported on first use of these classes (see __init__.py): it imports transformers. Embeddings, final norm and
+LM head run locally; prompts and client-owned LoRA come from `DistributedPreTrainedModel` (pretrained.py).
 During `generate` the KV cache lives on the servers: `RemoteCache` stands in for it, tells transformers how
-many tokens the servers hold, and turns beam-search reorders into `hypo_ids` for the next step.
-`model(input_ids)` without a cache runs `Forward` (and `Backward` through autograd) via `RemoteSequential`.
+many tokens the servers hold, and turns beam-search reorders into `hypo_ids` for the next step. With prompt
+tuning the servers' caches start with the prompt prefix: the first step of a session sends it (and the deep
+prompts of each server's blocks), and transformers never sees it. `model(input_ids)` without a cache runs
+`Forward` (and `Backward` through autograd) via `RemoteSequential`.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from transformers import AutoConfig, Cache, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import Cache, GenerationConfig, GenerationMixin, PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from client_sdk.autograd import RemoteSequential
 from client_sdk.blocking import SwarmClient
+from client_sdk.pretrained import DistributedPreTrainedModel, load_distributed
 from client_sdk.session import InferenceSession
 
 
@@ -53,27 +55,42 @@ class RemoteCache(Cache):
 class RemoteSession:
     """`model.inference_session(max_length=N)`: one server-side KV cache kept across `generate` calls.
 
-    The servers' streams open at the first step (when the batch size is known). `token_ids` holds every
-    token the session has seen, so a later `generate(new_ids)` continues the conversation without resending it.
+    The servers' streams open at the first step (when the batch size is known), with the model's adapter and
+    client LoRA. `token_ids` holds every token the session has seen, so a later `generate(new_ids)` continues
+    the conversation without resending it. Positions count the user's tokens: the prompt prefix the servers
+    hold in front of them (prompt tuning) is invisible here.
     """
 
     def __init__(self, model: DistributedModelForCausalLM, max_length: int) -> None:
         self.model = model
         self.max_length = max_length
+        self.prefix = model.pre_seq_len  # prompt positions in front of the tokens in the servers' caches
         self.inference: InferenceSession | None = None
         self.token_ids: torch.Tensor | None = None  # [batch, tokens] seen so far (last one may be unprocessed)
         self.cache = RemoteCache(self)
 
     @property
     def position(self) -> int:
-        return self.inference.position if self.inference is not None else 0
+        return self.inference.position - self.prefix if self.inference is not None else 0
 
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """hidden [batch, new, hidden], mask [batch, position + new] -> the last block's output [batch, new, hidden]."""
         client = self.model.client
+        batch, new = hidden.shape[:2]
         if self.inference is None:
-            self.inference = client.run(client.async_client.open_session(self.max_length, hidden.shape[0]))
+            coro = client.async_client.open_session(self.max_length + self.prefix, batch, self.model.session_tuning())
+            self.inference = client.run(coro)
         hypo_ids, self.cache.pending_hypo_ids = self.cache.pending_hypo_ids, None
-        return client.run(self.inference.step(hidden, attention_mask, hypo_ids))
+        prompts = None
+        if self.prefix:
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_ones(batch, self.prefix), attention_mask], dim=1)
+            if self.inference.position == 0:  # the prefill: the prompt prefix goes first
+                shallow, deep = self.model.get_prompt(batch)
+                hidden = torch.cat([shallow.to(hidden.dtype), hidden], dim=1)
+                prompts = None if deep is None else deep.to(hidden.dtype)
+        out = client.run(self.inference.step(hidden, attention_mask, hypo_ids, prompts))
+        return out[:, -new:]
 
     def close(self) -> None:
         if self.inference is not None:
@@ -81,36 +98,17 @@ class RemoteSession:
             self.model.client.run(inference.close())
 
 
-class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
     """A causal LM whose blocks are remote. Build it with `AutoDistributedModelForCausalLM.from_pretrained`."""
 
-    config_class = PretrainedConfig
-    main_input_name = "input_ids"
-    base_model_prefix = "model"
-    _supports_sdpa = True  # attention runs on the servers; any implementation the config names is fine here
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-
     def __init__(self, config: PretrainedConfig, client: SwarmClient) -> None:
-        super().__init__(config)
-        self.client = client
-        local = client.async_client.local
-        self.head = local.head  # embeddings, final norm, LM head (frozen, local)
-        self.layers = RemoteSequential(client)  # the remote blocks
+        super().__init__(config, client)
         self._session: RemoteSession | None = None
-        path = local.path
+        path = client.async_client.local.path
         if (path / "generation_config.json").is_file():
             self.generation_config = GenerationConfig.from_pretrained(path)
         else:
             self.generation_config = GenerationConfig.from_model_config(config)
-
-    @property
-    def local_dtype(self) -> torch.dtype:
-        return self.client.async_client.local.dtype
-
-    def get_input_embeddings(self) -> torch.nn.Module:
-        # the family's head names it (embed_tokens, word_embeddings, ...); it holds exactly one embedding
-        return next(m for m in self.head.modules() if isinstance(m, torch.nn.Embedding))
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int) -> Iterator[RemoteSession]:
@@ -135,16 +133,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("give input_ids or inputs_embeds")
-            inputs_embeds = self.head.embed(input_ids)
-        inputs_embeds = inputs_embeds.to(self.client.async_client.wire_dtype)  # ClientConfig.wire_dtype
+        embeds = self.embed_inputs(input_ids, inputs_embeds, attention_mask)
+        if labels is not None and tuple(labels.shape) != tuple(embeds.shape[:2]):
+            raise ValueError(f"labels must have shape {list(embeds.shape[:2])}, got {list(labels.shape)}")
         if isinstance(cache, RemoteCache):
-            hidden = cache.session.step(inputs_embeds.detach(), attention_mask)
+            hidden = cache.session.step(embeds.detach().to(self.wire_dtype), attention_mask)
         else:  # no session: one Forward through the chain (differentiable through RemoteSequential)
             cache = None
-            hidden = self.layers(inputs_embeds, attention_mask)
+            hidden = self.run_blocks(embeds, attention_mask)
         logits = self.head.logits(hidden.to(self.local_dtype))  # [batch, seq, vocab]
         loss = None
         if labels is not None:
@@ -188,20 +184,21 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 class AutoDistributedModelForCausalLM:
-    """`from_pretrained(path_or_name, initial_peers=[...], **client_options)` -> DistributedModelForCausalLM."""
+    """`from_pretrained(path_or_name, initial_peers=[...], tuning_mode=None, pre_seq_len=0, active_adapter=None,
+    **client_options)` -> DistributedModelForCausalLM."""
 
     @staticmethod
     def from_pretrained(
         path_or_name: str | os.PathLike[str],
         initial_peers: str | Sequence[str],
         model_id: str | None = None,
+        *,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        active_adapter: str | None = None,
         **client_options: Any,
     ) -> DistributedModelForCausalLM:
-        client = SwarmClient(initial_peers, path_or_name, model_id, **client_options)
-        try:
-            config = AutoConfig.from_pretrained(client.async_client.local.path)
-            model = DistributedModelForCausalLM(config, client)
-        except BaseException:
-            client.close()
-            raise
-        return model.eval()
+        return load_distributed(
+            DistributedModelForCausalLM, path_or_name, initial_peers, model_id, tuning_mode, pre_seq_len,
+            active_adapter, {}, client_options,
+        )  # fmt: skip
