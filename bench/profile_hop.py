@@ -97,30 +97,71 @@ def is_project(frame: str) -> bool:
     return any(f"({pkg}/" in frame for pkg in ("shard_server", "swarm", "client_sdk"))
 
 
-def summarize(stacks: list[tuple[list[str], int]], rate: float, tokens: int, top: int) -> str:
-    to_ms = 1000.0 / rate / tokens  # samples -> ms per generated token
-    total = sum(n for _, n in stacks)
-    kinds: collections.Counter[str] = collections.Counter()
-    threads: collections.Counter[str] = collections.Counter()
-    leaves: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
+def thread_cpu_ns(pid: int) -> dict[str, int]:
+    """CPU ns so far of each live thread of `pid`, by thread id (py-spy labels threads `thread (<tid>)`)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[task.name] = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError):
+            pass  # the thread just ended
+    return out
+
+
+def split_thread(frames: list[str]) -> tuple[str, str, list[str]]:
+    """`thread (<tid>): name;frames...` -> (tid, name, frames)."""
+    if frames and frames[0].startswith("thread ("):
+        tid, _, name = frames[0].removeprefix("thread (").partition(")")
+        return tid, name.lstrip(": "), frames[1:]
+    return "?", "?", frames
+
+
+def summarize(stacks: list[tuple[list[str], int]], rate: float, tokens: int, top: int, cpu_ns: dict[str, int]) -> str:
+    """Tables in CPU ms per generated token: each thread's samples are scaled to that thread's CPU time.
+
+    py-spy counts a thread as busy while the OS shows it runnable, also when it waits for a core (on a
+    loaded machine, up to several times its CPU time); scaling per thread keeps the split of each thread's
+    samples over frames but makes the totals the CPU it really used.
+    """
+    names: dict[str, str] = {}
+    samples: collections.Counter[str] = collections.Counter()
     for frames, n in stacks:
-        thread, body = (frames[0], frames[1:]) if frames[0].startswith("thread (") else ("?", frames)
-        kinds[kind_of(body)] += n
-        threads[thread.split(")", 1)[-1].lstrip(": ") or thread] += n
+        tid, name, _ = split_thread(frames)
+        names[tid] = name
+        samples[tid] += n
+    cpu_ms = {tid: ns / 1e6 / tokens for tid, ns in cpu_ns.items()}
+    ms_per_sample = {tid: cpu_ms.get(tid, 0.0) / n for tid, n in samples.items() if n}
+    total = sum(cpu_ms.values())
+    kinds: dict[str, float] = collections.defaultdict(float)
+    leaves: dict[str, float] = collections.defaultdict(float)
+    inclusive: dict[str, float] = collections.defaultdict(float)
+    for frames, n in stacks:
+        tid, _, body = split_thread(frames)
+        ms = n * ms_per_sample.get(tid, 0.0)
+        kinds[kind_of(body)] += ms
         if body:
-            leaves[function(body[-1])] += n
+            leaves[function(body[-1])] += ms
         for fn in {function(f) for f in body if is_project(f)}:
-            inclusive[fn] += n
+            inclusive[fn] += ms
+    kinds["threads without Python frames (gRPC core, OpenMP, ...)"] = sum(
+        ms for tid, ms in cpu_ms.items() if tid not in samples
+    )
 
-    def rows(counter: collections.Counter[str], k: int) -> list[list[str]]:
-        return [[f"`{name}`", f"{n * to_ms:.3f}", f"{100 * n / total:.1f} %"] for name, n in counter.most_common(k)]
+    def rows(ms_by_name: dict[str, float], k: int) -> list[list[str]]:
+        top_k = sorted(ms_by_name.items(), key=lambda item: -item[1])[:k]
+        return [[f"`{name}`", f"{ms:.3f}", f"{100 * ms / total:.1f} %"] for name, ms in top_k]
 
+    sampled_ms = 1000.0 / rate / tokens
+    threads = [
+        [f"{tid} `{names.get(tid, '(no Python frames)')}`", f"{ms:.3f}", f"{samples[tid] * sampled_ms:.3f}"]
+        for tid, ms in sorted(cpu_ms.items(), key=lambda item: -item[1])
+        if ms >= 0.001 or samples[tid]
+    ]
     parts = [
-        markdown(["kind (first match in the stack)", "ms/token", "share"], rows(kinds, len(KINDS) + 2)),
-        markdown(["thread", "ms/token", "share"], rows(threads, 8)),
-        markdown([f"top {top} frames by self time", "ms/token", "share"], rows(leaves, top)),
-        markdown([f"top {top} project functions by inclusive time", "ms/token", "share"], rows(inclusive, top)),
+        markdown(["thread", "CPU ms/token (/proc)", "py-spy busy-or-runnable ms/token"], threads),
+        markdown(["kind (first match in the stack)", "CPU ms/token", "share"], rows(kinds, len(KINDS) + 3)),
+        markdown([f"top {top} frames by self time", "CPU ms/token", "share"], rows(leaves, top)),
+        markdown([f"top {top} project functions, inclusive", "CPU ms/token", "share"], rows(inclusive, top)),
     ]
     return "\n\n".join(parts)
 
@@ -183,15 +224,14 @@ def main() -> None:
                 if recorder.poll() is not None:
                     raise SystemExit(f"py-spy failed:\n{log.read_text()}")
                 time.sleep(0.02)
-            cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+            threads0, cpu0, t0 = thread_cpu_ns(pid), cpu_seconds(pid), time.perf_counter()
             tokens = 0
             for _ in range(args.generations):
                 tokens += len(client.generate(prompt, max_new_tokens=args.tokens))
-            wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+            wall, cpu, threads1 = time.perf_counter() - t0, cpu_seconds(pid) - cpu0, thread_cpu_ns(pid)
             recorder.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
             recorder.wait(60)
     stacks = parse_raw(raw)
-    sampled_ms = sum(n for _, n in stacks) * 1000.0 / args.rate / tokens
 
     print(f"\ncode: {code_version()}; load average after: {load_average()}")
     print(
@@ -206,12 +246,12 @@ def main() -> None:
             [
                 ["wall time (client's view, whole route)", f"{1000 * wall / tokens:.3f}"],
                 ["profiled process CPU, all threads (/proc)", f"{1000 * cpu / tokens:.3f}"],
-                ["its Python threads busy or runnable (py-spy samples)", f"{sampled_ms:.3f}"],
             ],
         )
     )
     print()
-    print(summarize(stacks, args.rate, tokens, args.top))
+    cpu_ns = {tid: ns - threads0.get(tid, 0) for tid, ns in threads1.items()}
+    print(summarize(stacks, args.rate, tokens, args.top, cpu_ns))
     if args.out is None:
         scratch.cleanup()
 
