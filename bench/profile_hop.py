@@ -52,10 +52,10 @@ KINDS = [
     ("asyncio event loop", ("asyncio/", "selectors.py", "uvloop")),
 ]
 OTHER = "other server code"
-# Leaf frames of a thread that waits (py-spy counts a waiting thread as busy when the OS shows it runnable,
-# e.g. just woken on a loaded machine; gRPC's poller thread blocks inside C code called from Thread.run).
+# Leaf frames of a thread entering or leaving a wait (gRPC's poller thread waits in C called from Thread.run):
+# their CPU is the syscalls' and the wake-ups', not work.
 WAITING = (
-    "waiting (select, poll, locks)",
+    "select, poll and lock waits (their syscalls)",
     (
         "select (selectors.py",
         "Condition.wait (",
