@@ -170,7 +170,10 @@ def load_adapter(
             parsed = parser.parse(key)
             if parsed is None:
                 if "lora_" in key:
-                    raise AdapterError(f"{path}: LoRA weights outside the transformer blocks are not supported: {key}")
+                    raise AdapterError(
+                        f"{path}: LoRA weights outside the transformer blocks (or for another model) are not "
+                        f"supported: {key}"
+                    )
                 continue  # modules_to_save outside the blocks (warned above)
             block, module, which, full = parsed
             if not blocks.start <= block < blocks.end:

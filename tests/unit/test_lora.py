@@ -68,7 +68,8 @@ def peft_model(model: Model, rank: int = 4, alpha: float = 8.0, seed: int = 0, *
     torch.manual_seed(seed)
     targets = sorted({name.rsplit(".", 1)[-1] for name in model.modules})
     base = AutoModelForCausalLM.from_pretrained(model.path / "base", dtype=torch.float32)
-    lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **config)
+    config.setdefault("target_modules", targets)
+    lora = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, **config)
     return get_peft_model(base, lora).eval()
 
 
