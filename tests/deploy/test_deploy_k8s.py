@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.cli_flags import REPO, flag_value
+from tests.deploy.cli_flags import REPO, flag_value, need
 
 K8S = REPO / "deploy" / "k8s"
 K8S_VERSIONS = ("1.27.0", "latest")  # 1.27: the first with GA gRPC probes
@@ -23,7 +23,7 @@ K8S_VERSIONS = ("1.27.0", "latest")  # 1.27: the first with GA gRPC probes
 
 def test_k8s_files_match_the_api_schemas_as_written() -> None:
     """Each object as written (before kustomize), so the schemas are checked even where kubectl is missing."""
-    import kubernetes_validate
+    kubernetes_validate = need("kubernetes_validate", "kubernetes-validate")
 
     count = 0
     for path in sorted((K8S / "base").glob("*.yaml")):
@@ -69,7 +69,7 @@ def container_argv(container: dict[str, Any]) -> list[str]:
 
 @pytest.mark.parametrize("name", ["base", "overlays/cuda"])
 def test_k8s_objects_match_the_api_schemas(rendered: dict[str, list[dict[str, Any]]], name: str) -> None:
-    import kubernetes_validate
+    kubernetes_validate = need("kubernetes_validate", "kubernetes-validate")
 
     kinds = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in rendered[name])
     for version in K8S_VERSIONS:
