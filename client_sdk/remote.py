@@ -6,7 +6,8 @@ A batch is cut into parts of whole rows, each at most `max_tokens_per_call` toke
 announce they take); the parts run concurrently, each over its own `max_throughput` route, so a large batch
 spreads over the replicas of every block and the servers of a chain work on different parts at once.
 `forward` returns a `ForwardTrace` (which server ran which hop of which part, with the hop's input); `backward`
-walks it in reverse. A hop whose server fails is re-run elsewhere: Forward re-routes from the failed block;
+walks it in reverse (a server that answers a Backward is over its token limit gets the rows in two halves).
+A hop whose server fails is re-run elsewhere: Forward re-routes from the failed block;
 Backward re-runs the exact hop on another server holding all of it or, if none does, re-runs the forward over
 pieces of the hop and goes back through them, so the gradients stay exact. Up to `max_retries` per hop.
 """
@@ -26,7 +27,7 @@ from client_sdk.routing import Span
 from client_sdk.span_stream import bad_reply
 from client_sdk.transport import ChannelPool, rpc_error
 from client_sdk.tuning import FLOATS, Tuning, TuningGrads, decode_grads
-from swarm.errors import InvalidRequest, PollenError, StepTimeout
+from swarm.errors import CacheExhausted, InvalidRequest, PollenError, StepTimeout
 from swarm.pb import common_pb2, shard_pb2
 from swarm.tensors import from_proto, to_proto
 
@@ -68,6 +69,7 @@ class RemoteCalls:
         self.view = view
         self.model_id = model_id
         self.config = config
+        self.last_trace: ForwardTrace | None = None  # of the latest forward (which servers ran it: logs, tests)
 
     async def forward(
         self,
@@ -91,7 +93,8 @@ class RemoteCalls:
 
         results = await asyncio.gather(*(run(a, b) for a, b in parts))
         out = results[0][0] if len(results) == 1 else torch.cat([r[0] for r in results])
-        return out, ForwardTrace(start, end, out.shape, [r[1] for r in results], tuning)
+        trace = self.last_trace = ForwardTrace(start, end, out.shape, [r[1] for r in results], tuning)
+        return out, trace
 
     async def backward(
         self, grad_output: torch.Tensor, trace: ForwardTrace
@@ -194,9 +197,37 @@ class RemoteCalls:
             try:
                 out, grads = await self._call(span, hop.hidden, grad, mask, tuning)
                 return out, grads
+            except CacheExhausted as e:  # over the server's Backward limit (activation memory): halve the rows
+                if hop.hidden.shape[0] < 2:
+                    raise
+                log.info("backward of %d rows on %s: %s; splitting the rows in two", hop.hidden.shape[0], span, e)
+                return await self._backward_halves(Hop(span, hop.hidden), grad, mask, tuning)
             except PollenError as e:
                 attempt = await self._failed(span, "backward", e, attempt)
                 span = None
+
+    async def _backward_halves(
+        self, hop: Hop, grad: torch.Tensor, mask: torch.Tensor | None, tuning: Tuning | None
+    ) -> tuple[torch.Tensor, TuningGrads]:
+        """Backward of a hop as two calls over halves of its rows (one after the other: the server is short of
+        memory), with the tuning gradients combined."""
+        rows = hop.hidden.shape[0]
+        halves = [(0, rows // 2), (rows // 2, rows)]
+        results = []
+        for a, b in halves:
+            sub_mask = None if mask is None else mask[a:b]
+            sub_tuning = None if tuning is None else tuning.rows(a, b)
+            results.append(await self._backward_hop(Hop(hop.span, hop.hidden[a:b]), grad[a:b], sub_mask, sub_tuning))
+        grads = TuningGrads()
+        prompts = [g.prompts for _, g in results if g.prompts is not None]
+        if prompts:  # per-row prompts: the halves' rows; shared prompts: both halves' sum
+            shared = tuning is not None and tuning.prompts is not None and tuning.prompts.shape[1] == 1
+            grads.prompts = prompts[0] + prompts[1] if shared else torch.cat(prompts, dim=1)
+        for _, g in results:
+            for i, (ga, gb) in g.lora.items():
+                old = grads.lora.get(i)
+                grads.lora[i] = (ga, gb) if old is None else (old[0] + ga, old[1] + gb)
+        return torch.cat([r[0] for r in results]), grads
 
     def _whole_span(self, start: int, end: int) -> Span | None:
         """The fastest live, unbanned server that holds all of [start, end), or None."""

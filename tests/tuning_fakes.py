@@ -44,6 +44,7 @@ class FakeServer:
     span: Span  # all blocks of the model, loaded once
     throughput: float = 1.0
     dead: bool = False
+    max_backward_rows: int = 0  # > 0: a Backward of more rows is refused (RESOURCE_EXHAUSTED), as over a limit
     calls: list[tuple[str, int, int, int]] = field(default_factory=list)  # (kind, start, end, rows)
 
     @property
@@ -60,6 +61,9 @@ class FakeServer:
         a, b = request.blocks.start, request.blocks.end
         assert self.start <= a < b <= self.end and request.model_id == MODEL_ID
         hidden = from_proto(request.hidden)
+        if kind == "backward" and 0 < self.max_backward_rows < hidden.shape[0]:
+            meta = grpc.aio.Metadata()
+            raise grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, meta, meta, "over the Backward limit")
         self.calls.append((kind, a, b, hidden.shape[0]))
         mask = from_proto(request.attention_mask).bool() if request.HasField("attention_mask") else None
         tuning = request.tuning if request.HasField("tuning") else None
@@ -197,7 +201,7 @@ class Swarm:
 
     def client(self, *peers: str, **options: Any) -> FakeClient:
         for s in self.servers.values():
-            s.dead, s.calls = False, []
+            s.dead, s.calls, s.max_backward_rows = False, [], 0
         return FakeClient(self.path, [self.servers[p] for p in peers], **options)
 
 

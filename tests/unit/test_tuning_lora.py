@@ -146,6 +146,16 @@ def test_batch_split_into_parts_gives_the_same_gradients(swarm: Swarm) -> None:
     assert backward_rows == [1, 1, 2, 2]  # two parts of the 3 rows, each through two hops
 
 
+def test_backward_over_a_servers_limit_is_halved(swarm: Swarm) -> None:
+    ref = grads_of(tuned_model(swarm.client("a", "b")))
+    client = swarm.client("a", "b")
+    swarm.servers["b"].max_backward_rows = 1
+    got = grads_of(tuned_model(client))
+    assert_same_grads(got, ref)
+    assert [rows for kind, _, _, rows in swarm.servers["b"].calls if kind == "backward"] == [1, 1, 1]
+    assert [rows for kind, _, _, rows in swarm.servers["a"].calls if kind == "backward"] == [3]
+
+
 @pytest.mark.parametrize("case", ["replica", "split"])
 def test_server_lost_before_backward_changes_nothing(swarm: Swarm, case: str) -> None:
     """The server of a hop dies between Forward and Backward: the hop is redone on a replica, or, when no live
