@@ -41,9 +41,9 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 SYSTEMD = DEPLOY / "systemd"
 
-# Flags the deploy files already pass that a program does not have yet (issue 13 adds --swarm-key to every
-# role; the gateway is being written). Empty this as they land: the test warns about every entry on each run,
-# and about entries the program now has.
+# Flags the deploy files already pass that a program does not have yet (issue 13 is adding --swarm-key to every
+# role). Empty this as they land: the test warns about every entry on each run, and about entries the program
+# now has.
 PENDING_FLAGS: dict[str, set[str]] = {
     "shard-server": {"--swarm-key"},
     "pollen gateway": {"--swarm-key"},
