@@ -29,8 +29,8 @@ proto-check: $(STAMP)
 	$(PY) scripts/check_proto.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check swarm shard_server client_sdk dht_node gateway tests bench scripts
-	$(VENV)/bin/ruff format --check swarm shard_server client_sdk dht_node gateway tests bench scripts
+	$(VENV)/bin/ruff check swarm shard_server client_sdk dht_node gateway tests bench scripts deploy
+	$(VENV)/bin/ruff format --check swarm shard_server client_sdk dht_node gateway tests bench scripts deploy
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy swarm client_sdk gateway
