@@ -24,6 +24,7 @@ from bench.common import (  # noqa: E402
     block_weight_bytes,
     code_version,
     compare_decode,
+    decode_once,
     greedy_prompt,
     load_average,
     load_local,
@@ -109,7 +110,7 @@ def make_tiny_llama(root: Path) -> Path:
 
 
 def memory_table(path: Path, blocks: int, root: Path, runs: int) -> str:
-    """shard-server RSS after load per dtype/quant, and over a server holding (almost) nothing."""
+    """shard-server RSS after a short generation per dtype/quant, and over a server holding (almost) nothing."""
     variants = [
         ("float32", "none"),
         ("bfloat16", "none"),
@@ -121,10 +122,13 @@ def memory_table(path: Path, blocks: int, root: Path, runs: int) -> str:
     ]
     rows = []
     with swarm_processes(1) as procs:
+        dht = str(procs.start_dht().address)
 
         def rss(model: Path, span: str, *flags: str) -> int:
-            server = procs.start_server(model, span, [], "--num-threads", "1", "--throughput", "1", *flags)
+            """VmRSS after a short generation (weights mapped from the file are resident once touched)."""
+            server = procs.start_server(model, span, [dht], "--num-threads", "1", "--throughput", "1", *flags)
             try:
+                decode_once(dht, model, new_tokens=8)
                 return rss_bytes(server.popen.pid)
             finally:
                 procs.stop(server)
@@ -143,7 +147,7 @@ def memory_table(path: Path, blocks: int, root: Path, runs: int) -> str:
     header = [
         "dtype / quant",
         "weights per block (MiB, headers)",
-        "server RSS after load (MiB)",
+        "server RSS after a generation (MiB)",
         f"RSS over a 1-tiny-block server ({baseline / MIB:.0f} MiB)",
         "measured per block (MiB)",
     ]

@@ -5,8 +5,9 @@ and how long `from client_sdk import SwarmClient` takes.
   dht-node on loopback) to its ready file (polled every 5 ms). The first start in a fresh cache folder also
   measures throughput ("cold"); the --repeats starts after it find it cached ("warm"). Model files are in the
   page cache for both (the cold start's "cold" is the throughput cache only).
-- RSS above weights: the server's VmRSS when ready, minus the bytes of its blocks' weights as float32 (from
-  the safetensors headers); also after one 64-token generation through it ("after decode").
+- RSS above weights: the server's VmRSS minus the bytes of its blocks' weights as float32 (from the
+  safetensors headers), when ready and after one 64-token generation through it ("after decode": weights
+  mapped from the file count in RSS only once touched; "file-backed" is the RssFile part of RSS then).
 - `python -c "import torch"` and `python -c "from client_sdk import SwarmClient"`: wall time (medians), and
   the RSS of a process that only imported torch.
 All kinds of measurement are interleaved round by round, so a load change on the shared machine hits all.
@@ -34,9 +35,11 @@ from bench.common import (  # noqa: E402
     block_weight_bytes,
     child_env,
     code_version,
+    decode_once,
     load_average,
     markdown,
     median,
+    memory,
     num_blocks,
     resolve_model,
     rss_bytes,
@@ -70,14 +73,6 @@ def start_server(procs: Any, model: Path, dht: str, name: str) -> tuple[float, A
     return elapsed, proc
 
 
-def decode_once(dht: str, model: Path) -> None:
-    """One 64-token generation through the swarm (its KV cache and first decode steps on the server)."""
-    from client_sdk import SwarmClient
-
-    with SwarmClient(initial_peers=[dht], model=str(model)) as client:
-        client.generate(list(range(100, 116)), max_new_tokens=64)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -102,14 +97,13 @@ def main() -> None:
     torch_s: list[float] = []
     client_s: list[float] = []
     starts: dict[Path, list[float]] = {m: [] for m in models}
-    rss: dict[Path, list[int]] = {m: [] for m in models}
-    cold: dict[Path, tuple[float, int]] = {}
-    after_decode: dict[Path, int] = {}
+    ready: dict[Path, list[int]] = {m: [] for m in models}  # VmRSS when ready
+    decoded: dict[Path, list[dict[str, int]]] = {m: [] for m in models}  # memory() after one generation
+    cold: dict[Path, float] = {}
     with swarm_processes(1) as procs:  # one workdir = one XDG_CACHE_HOME: the throughput cache persists
         dht = str(procs.start_dht().address)
         for model in models:  # cold: the first start in this cache folder measures throughput
-            seconds, proc = start_server(procs, model, dht, f"cold-{model.name}")
-            cold[model] = (seconds, rss_bytes(proc.popen.pid))
+            cold[model], proc = start_server(procs, model, dht, f"cold-{model.name}")
             procs.stop(proc)
         for round_ in tqdm(range(args.repeats), desc="rounds", leave=False):
             torch_s.append(python_c(TORCH, env)[0])
@@ -117,10 +111,9 @@ def main() -> None:
             for model in models:
                 seconds, proc = start_server(procs, model, dht, f"warm-{model.name}-{round_}")
                 starts[model].append(seconds)
-                rss[model].append(rss_bytes(proc.popen.pid))
-                if round_ == args.repeats - 1:
-                    decode_once(dht, model)
-                    after_decode[model] = rss_bytes(proc.popen.pid)
+                ready[model].append(rss_bytes(proc.popen.pid))
+                decode_once(dht, model)
+                decoded[model].append(memory(proc.popen.pid))
                 procs.stop(proc)
     torch_rss = int(python_c(f"import torch; {RSS}", env)[1])
     python_rss = int(python_c(RSS, env)[1])
@@ -141,28 +134,16 @@ def main() -> None:
                 "Petals' small (random)" if model.name == "random-small" else model.name,
                 f"{median(s):.2f} ({min(s):.2f}-{max(s):.2f})",
                 f"{median(s) - t_torch:+.2f}",
-                f"{cold[model][0]:.2f}",
+                f"{cold[model]:.2f}",
                 f"{weights / MIB:.0f}",
-                f"{(median(rss[model]) - weights) / MIB:.0f}",
-                f"{(after_decode[model] - weights) / MIB:.0f}",
-                f"{(cold[model][1] - weights) / MIB:.0f}",
+                f"{(median(ready[model]) - weights) / MIB:.0f}",
+                f"{(median(m['VmRSS'] for m in decoded[model]) - weights) / MIB:.0f}",
+                f"{median(m['RssFile'] for m in decoded[model]) / MIB:.0f}",
             ]
         )
-    print(
-        markdown(
-            [
-                "model",
-                "start -> ready, warm (s)",
-                "minus `import torch` (s)",
-                "cold first start (s)",
-                "weights (MiB)",
-                "RSS above weights, ready (MiB)",
-                "after decode (MiB)",
-                "cold start, ready (MiB)",
-            ],
-            rows,
-        )
-    )
+    header = ["model", "start -> ready, warm (s)", "minus `import torch` (s)", "cold first start (s)", "weights (MiB)"]
+    header += ["RSS - weights, ready (MiB)", "RSS - weights, after decode (MiB)", "of RSS: file-backed (MiB)"]
+    print(markdown(header, rows))
     print()
     print(
         markdown(

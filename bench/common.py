@@ -304,11 +304,23 @@ def setup_name(servers: int) -> str:
     return f"{servers} server" + ("s" if servers > 1 else "")
 
 
+def memory(pid: int) -> dict[str, int]:
+    """Bytes of VmRSS and its parts RssAnon and RssFile (file-backed: mmap'd weights live there)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
+
+
 def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return memory(pid)["VmRSS"]
+
+
+def decode_once(dht: str, model: Path, new_tokens: int = 64) -> None:
+    """One generation through the swarm: the server touches every weight (mmap'd weights are resident only
+    after that), allocates a KV cache and runs its first steps."""
+    from client_sdk import SwarmClient
+
+    with SwarmClient(initial_peers=[dht], model=str(model)) as client:
+        client.generate(list(range(100, 116)), max_new_tokens=new_tokens)
 
 
 def cpu_seconds(pid: int) -> float:
