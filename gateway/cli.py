@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from gateway.registry import ModelSpec
+from gateway.config import ModelSpec
 from swarm.logs import setup_logging
 
 log = logging.getLogger("pollen")
@@ -203,7 +203,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return asyncio.run(show_swarm(peers, [ModelSpec.parse(m) for m in args.model or []], args.json))
 
-    from gateway.terminal import Sampling, generate_once, run_chat
+    from gateway.terminal import Sampling, generate_once
 
     sampling = Sampling(
         args.max_new_tokens,
@@ -219,7 +219,9 @@ def _run(args: argparse.Namespace) -> int:
     sampling.params([])  # validates the flags before connecting
     spec = ModelSpec.parse(args.model)
     if args.command == "chat":
-        return run_chat(peers, spec, sampling, args.system)
+        from gateway.chat import run_chat
+
+        return run_chat(list(peers), spec.source, spec.model_id, sampling, args.system)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     return asyncio.run(generate_once(peers, spec, prompt, sampling, args.chat))
 

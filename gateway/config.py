@@ -1,11 +1,28 @@
-"""GatewayConfig: every option of the gateway process in one frozen object, built by `pollen gateway`."""
+"""GatewayConfig: every option of the gateway process in one frozen object, built by `pollen gateway`; and
+ModelSpec, one `--model` option: `PATH_OR_NAME` serves a model under its default DHT id (the folder's or hub
+repo's name), `PATH_OR_NAME=MODEL_ID` under another id (servers started with `--model-id`). No heavy imports
+here: `pollen --help` stays instant."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.registry import ModelSpec
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str  # local folder or org/name in the local Hugging Face cache
+    model_id: str | None = None  # DHT id when it differs from the default
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """`PATH_OR_NAME` or `PATH_OR_NAME=MODEL_ID` (a path that exists is never split)."""
+        if "=" in text and not Path(text).exists():
+            source, _, model_id = text.rpartition("=")
+            if not source or not model_id:
+                raise ValueError(f"--model {text!r}: expected PATH_OR_NAME or PATH_OR_NAME=MODEL_ID")
+            return cls(source, model_id)
+        return cls(text)
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,13 @@ def apply_penalties(
     return logits
 
 
+def session_limit(client: AsyncSwarmClient, limit: int) -> int:
+    """The longest session worth asking for: `limit`, and no more than any live server of the model accepts
+    (a route may take any of them)."""
+    servers = client.view.records.servers()
+    return min([limit, *(r.inference_max_length for r in servers)])
+
+
 class Conversation:
     """A multi-turn session on one model: `append` or `rewrite` the conversation, then `generate` tokens."""
 

@@ -1,8 +1,5 @@
-"""The models a gateway (or a terminal command) serves: one AsyncSwarmClient each, found by any of its names.
-
-`--model PATH_OR_NAME` serves a model under its default DHT id (the folder's or hub repo's name);
-`--model PATH_OR_NAME=MODEL_ID` under another id (servers started with `--model-id`).
-"""
+"""The models a gateway serves: one AsyncSwarmClient each, found by any of its names (the DHT id, the
+`--model` text, the folder's path)."""
 
 from __future__ import annotations
 
@@ -10,11 +7,12 @@ import asyncio
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from client_sdk import AsyncSwarmClient
 from client_sdk.tokenizer import Tokenizer
+from gateway.config import ModelSpec
+from gateway.conversation import session_limit
 from swarm.errors import InvalidRequest, PollenError
 
 log = logging.getLogger(__name__)
@@ -26,22 +24,6 @@ class UnknownModel(PollenError):
 
 class NoTokenizer(InvalidRequest):
     """The model folder has no tokenizer.json, so text cannot be encoded."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    source: str  # local folder or org/name in the local Hugging Face cache
-    model_id: str | None = None  # DHT id when it differs from the default
-
-    @classmethod
-    def parse(cls, text: str) -> ModelSpec:
-        """`PATH_OR_NAME` or `PATH_OR_NAME=MODEL_ID` (a path that exists is never split)."""
-        if "=" in text and not Path(text).exists():
-            source, _, model_id = text.rpartition("=")
-            if not source or not model_id:
-                raise ValueError(f"--model {text!r}: expected PATH_OR_NAME or PATH_OR_NAME=MODEL_ID")
-            return cls(source, model_id)
-        return cls(text)
 
 
 @dataclass
@@ -66,12 +48,7 @@ class ModelEntry:
         return self.client.local.num_blocks
 
     def max_length(self, limit: int) -> int:
-        """The longest session worth asking for: the gateway's `limit`, and no more than any live server of the
-        model accepts (a route may take any of them)."""
-        servers = self.client.view.records.servers()
-        if servers:
-            limit = min(limit, min(r.inference_max_length for r in servers))
-        return limit
+        return session_limit(self.client, limit)
 
 
 class Registry:

@@ -1,9 +1,8 @@
-"""The terminal commands: `pollen chat` (interactive, streaming, one server-side session across turns),
-`pollen generate` (one prompt, streamed to stdout) and `pollen swarm` (the dashboard as a table)."""
+"""The one-shot terminal commands: `pollen generate` (one prompt, streamed to stdout) and `pollen swarm` (the
+dashboard as a table); what they share with `pollen chat` (chat.py): sampling flags and streaming a reply."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import sys
@@ -11,14 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from client_sdk import AsyncSwarmClient, SwarmClient
+from client_sdk import AsyncSwarmClient
 from client_sdk.tokenizer import Tokenizer
+from gateway.config import ModelSpec
 from gateway.conversation import Conversation, GenerationParams
-from gateway.registry import ModelSpec
 from gateway.text import generate_text
-
-CHAT_HELP = """commands: /reset (forget the conversation), /system TEXT (new system prompt, resets),
-          /exit or Ctrl-D (quit); Ctrl-C stops a reply"""
 
 
 @dataclass(frozen=True)
@@ -46,13 +42,13 @@ class Sampling:
         )
 
 
-def _tokenizer(client: AsyncSwarmClient) -> Tokenizer:
+def text_tokenizer(client: AsyncSwarmClient) -> Tokenizer:
     if client.tokenizer is None:
         raise SystemExit(f"pollen: {client.local.path} has no tokenizer.json; text needs a tokenizer")
     return client.tokenizer
 
 
-async def _print_reply(
+async def print_reply(
     conv: Conversation, params: GenerationParams, tok: Tokenizer, stops: Sequence[str], out: TextIO, reply: list[str]
 ) -> str | None:
     """Stream one turn to `out`; the text so far is kept in `reply` (also when interrupted). Returns why it ended."""
@@ -67,117 +63,12 @@ async def _print_reply(
     return None
 
 
-# ---- pollen chat ---------------------------------------------------------------------------------------
-
-
-class ChatRepl:
-    """Reads lines in the main thread (readline editing, Ctrl-C) and runs the swarm work on the client's
-    loop thread. The conversation's messages are re-rendered through the chat template every turn; the
-    Conversation sends only what the servers have not seen yet."""
-
-    def __init__(self, client: SwarmClient, sampling: Sampling, system: str | None, out: TextIO = sys.stdout) -> None:
-        self.client = client
-        self.async_client = client.async_client
-        self.tok = _tokenizer(self.async_client)
-        if self.tok.chat_template is None:
-            raise SystemExit("pollen chat: the model's tokenizer has no chat template (use `pollen generate`)")
-        self.sampling = sampling
-        self.system = system
-        self.out = out
-        self.messages: list[dict[str, str]] = []
-        self.conv = Conversation(self.async_client, sampling.max_length)
-        self.interactive = sys.stdin.isatty()
-
-    def reset(self) -> None:
-        self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.client.run(self.conv.close())
-        self.conv = Conversation(self.async_client, self.sampling.max_length)
-
-    def run(self) -> int:
-        self.reset()
-        info = self.client.info()
-        sys.stderr.write(
-            f"pollen chat · {info.model_id} · {info.num_blocks} blocks on {len(info.servers)} servers"
-            f"{' · MISSING blocks ' + str(info.missing) if info.missing else ''}\n{CHAT_HELP}\n"
-        )
-        try:
-            while True:
-                try:
-                    line = input(">>> " if self.interactive else "")
-                except EOFError:
-                    break
-                except KeyboardInterrupt:
-                    self.out.write("\n")
-                    break
-                if not self.command(line.strip()):
-                    break
-        finally:
-            self.client.run(self.conv.close())
-        return 0
-
-    def command(self, line: str) -> bool:
-        """Handle one input line; False to quit."""
-        if not line:
-            return True
-        if line in ("/exit", "/quit"):
-            return False
-        if line == "/help":
-            sys.stderr.write(CHAT_HELP + "\n")
-        elif line == "/reset":
-            self.reset()
-            sys.stderr.write("(conversation reset)\n")
-        elif line.startswith("/system"):
-            self.system = line[len("/system") :].strip() or None
-            self.reset()
-            sys.stderr.write("(system prompt set; conversation reset)\n")
-        else:
-            self.turn(line)
-        return True
-
-    def turn(self, text: str) -> None:
-        self.messages.append({"role": "user", "content": text})
-        ids = self.tok.apply_chat_template(self.messages, add_generation_prompt=True)
-        room = self.sampling.max_length - len(ids)
-        if room <= 0:
-            self.messages.pop()
-            sys.stderr.write(f"(the conversation is over {self.sampling.max_length} tokens: /reset to start over)\n")
-            return
-        self.conv.rewrite(ids)
-        params = self.sampling.params(self.async_client.local.eos_token_ids, min(self.sampling.max_new_tokens, room))
-        reply: list[str] = []
-        task: list[asyncio.Task[Any]] = []
-
-        async def run() -> str | None:
-            task.append(asyncio.current_task())  # type: ignore[arg-type]
-            return await _print_reply(self.conv, params, self.tok, self.sampling.stops, self.out, reply)
-
-        try:
-            self.client.run(run())
-            self.out.write("\n\n")
-        except KeyboardInterrupt:
-            if task:  # let the cancelled reply unwind on the loop before the next turn touches the session
-                self.client.run(asyncio.wait(task))
-            self.out.write(" [interrupted]\n\n")
-        except Exception as e:  # noqa: BLE001 — a failed turn is reported; the chat goes on
-            self.messages.pop()
-            self.out.write("\n")
-            sys.stderr.write(f"(error: {type(e).__name__}: {e})\n")
-            return
-        self.out.flush()
-        self.messages.append({"role": "assistant", "content": "".join(reply)})
-
-
-def run_chat(peers: Sequence[str], spec: ModelSpec, sampling: Sampling, system: str | None) -> int:
-    with SwarmClient(list(peers), spec.source, spec.model_id) as client:
-        return ChatRepl(client, sampling, system).run()
-
-
 # ---- pollen generate -----------------------------------------------------------------------------------
 
 
 async def generate_once(peers: Sequence[str], spec: ModelSpec, prompt: str, sampling: Sampling, chat: bool) -> int:
     async with AsyncSwarmClient(list(peers), spec.source, spec.model_id) as client:
-        tok = _tokenizer(client)
+        tok = text_tokenizer(client)
         if chat:
             ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         else:
@@ -185,7 +76,7 @@ async def generate_once(peers: Sequence[str], spec: ModelSpec, prompt: str, samp
         conv = Conversation(client, len(ids) + sampling.max_new_tokens)
         try:
             conv.append(ids)
-            await _print_reply(conv, sampling.params(client.local.eos_token_ids), tok, sampling.stops, sys.stdout, [])
+            await print_reply(conv, sampling.params(client.local.eos_token_ids), tok, sampling.stops, sys.stdout, [])
         finally:
             await conv.close()
         sys.stdout.write("\n")
