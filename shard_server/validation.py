@@ -129,4 +129,7 @@ def decode_step(
     if step.HasField("prompts"):
         prompts = decode_prompts(step.prompts, session.blocks, hidden_size, batch)
         check_step_prompts(prompts, position, new_tokens)
+        if step.next_servers:
+            # a push carries no prompts, so the next server would miss its own: the client sends this step itself
+            raise InvalidRequest("a step with prompts cannot be pushed on (next_servers): send it to each server")
     return StepItem(session.kv, position, hidden, mask, reorder, session.lora, prompts)

@@ -155,8 +155,12 @@ class Session:
         await self.call.write(shard_pb2.InferenceRequest(open=msg))
         return await asyncio.wait_for(self.call.read(), TIMEOUT_S)
 
-    async def step(self, hidden: torch.Tensor, position: int, prompts: torch.Tensor | None = None) -> torch.Tensor:
-        msg = shard_pb2.InferenceStepInput(step_id=uuid.uuid4().hex, position=position, hidden=to_proto(hidden))
+    async def step(
+        self, hidden: torch.Tensor, position: int, prompts: torch.Tensor | None = None, **fields: Any
+    ) -> torch.Tensor:
+        msg = shard_pb2.InferenceStepInput(
+            step_id=uuid.uuid4().hex, position=position, hidden=to_proto(hidden), **fields
+        )
         if prompts is not None:
             msg.prompts.CopyFrom(to_proto(prompts))
         await self.call.write(shard_pb2.InferenceRequest(step=msg))
@@ -245,7 +249,8 @@ BAD_TUNING: dict[str, tuple[dict[str, Any], str, tuple[str, ...]]] = {
     "prompts for other blocks": (dict(prompts=to_proto(rand(4, 1, 2, HIDDEN))), "INVALID_ARGUMENT",
                                  ("[2 (blocks 0:2)", "got [4, 1, 2, 64]")),
     "prompts of wrong hidden": (dict(prompts=to_proto(rand(2, 1, 2, 32))), "INVALID_ARGUMENT", ("64]",)),
-    "prompts of wrong batch": (dict(prompts=to_proto(rand(2, 3, 2, HIDDEN))), "INVALID_ARGUMENT", ("[2 (blocks 0:2), 1, pre",)),
+    "prompts of wrong batch": (dict(prompts=to_proto(rand(2, 3, 2, HIDDEN))), "INVALID_ARGUMENT",
+                               ("[2 (blocks 0:2), 1, pre",)),
     "int32 prompts": (dict(prompts=to_proto(torch.ones(2, 1, 2, HIDDEN, dtype=torch.int32))), "INVALID_ARGUMENT",
                       ("int32",)),
     "prompts longer than the input": (dict(prompts=to_proto(rand(2, 1, 5, HIDDEN))), "INVALID_ARGUMENT",
@@ -304,6 +309,8 @@ async def test_limits_and_bad_sessions_keep_the_server_serving(
     await bad_step("[4 (blocks 0:4), 1, pre_seq_len >= 1, 64]", prompts=rand(2, 1, 2, HIDDEN))
     await bad_step("float32, float16 or bfloat16", prompts=torch.ones(4, 1, 2, HIDDEN, dtype=torch.int64))
     await bad_step("cover slots [0, 2)", "writes slots [4, 8)", position=4, prompts=rand(4, 1, 2, HIDDEN))
+    hop = shard_pb2.NextHop(address="127.0.0.1:1", session_id="x")
+    await bad_step("cannot be pushed", prompts=rand(4, 1, 2, HIDDEN), next_servers=[hop])
 
     assert server.cache.used_bytes == used  # every failed open gave its reservation back
     rest = [await healthy.step(hidden[:, p : p + 1], p) for p in range(4, 7)]

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from shard_server.backend import BlockBackend, KvHandle, StepItem
-from shard_server.memory import activation_model
+from shard_server.memory import (
+    DEFAULT_BACKWARD_TOKENS,
+    PLAN_CACHE_TOKENS,
+    activation_model,
+    plan_num_blocks,
+    usable_bytes,
+)
 from shard_server.tuning import RequestTuning
 from swarm.blocks import BlockRange
 from swarm.models import Segment
@@ -142,3 +148,25 @@ def test_activation_model_bounds_what_autograd_keeps(family: str, tmp_path: Path
                 kept = sum(saved.values())
                 bound = estimate.bytes(batch, seq, blocks, True)
                 assert kept <= bound <= 3 * kept, f"{family} {batch}x{seq} {blocks} blocks: kept {kept}, bound {bound}"
+
+
+def test_backward_tokens_and_block_plan_count_activations(tmp_path: Path) -> None:
+    """The token limit is the largest single sequence whose block-by-block Backward fits the budget (the worst
+    split of those tokens), and the block plan leaves room for a DEFAULT_BACKWARD_TOKENS Backward."""
+    model = Model.build("bloom", tmp_path)  # ALiBi: the shared [batch, heads, seq, seq] bias counts too
+    act = activation_model(model.family, torch.float32)
+    budget = 64 << 20
+    tokens = act.max_tokens(budget, 30, cap=1 << 20)
+    assert act.bytes(1, tokens, 30, False) <= budget < act.bytes(1, tokens + 1, 30, False)
+    for batch in (1, 2, 4, 8):  # any batch x seq <= tokens fits
+        assert act.bytes(batch, tokens // batch, 30, False) <= budget
+    assert act.max_tokens(budget, 30, cap=100) == 100
+    assert act.bytes(2, 64, 4, True) > act.bytes(2, 64, 4, False)  # one graph keeps every block's activations
+
+    gib = 1 << 30
+    block, kv = 200 << 20, 4096
+    without = plan_num_blocks(8 * gib, block, kv, 1000)
+    with_backward = plan_num_blocks(8 * gib, block, kv, 1000, act)
+    per_block = block + PLAN_CACHE_TOKENS * kv + DEFAULT_BACKWARD_TOKENS * model.family.hidden_size * 4
+    fixed = act.bytes(1, DEFAULT_BACKWARD_TOKENS, 0, False)
+    assert with_backward == (usable_bytes(8 * gib) - fixed) // per_block <= without
