@@ -49,10 +49,13 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(default=1.0, gt=0.0)  # vLLM's extension (transformers' rule)
     min_tokens: int | None = Field(default=0, ge=0)  # vLLM's extension
     user: str | None = None
+    logit_bias: dict[str, float] | None = None
 
     def check_common(self) -> None:
         if self.n not in (None, 1):
             raise BadParam("only n=1 is supported: one completion per request", "n")
+        if self.logit_bias:
+            raise BadParam("logit_bias is not supported", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise BadParam("stream_options is only allowed when stream is true", "stream_options")
 
@@ -96,12 +99,13 @@ class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
+    top_logprobs: int | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
     def check(self) -> None:
         self.check_common()
-        if self.logprobs:
+        if self.logprobs or self.top_logprobs:
             raise BadParam("logprobs are not supported", "logprobs")
         if self.tools:
             raise BadParam("tools (function calling) are not supported", "tools")

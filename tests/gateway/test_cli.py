@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import select
 import subprocess
+import termios
 import time
 from typing import Any
 
@@ -73,7 +75,10 @@ class Terminal:
     def __init__(self, argv: list[str]) -> None:
         self.master, slave = os.openpty()
         env = {**os.environ, "TERM": "dumb", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # the terminal's Ctrl-C reaches it as SIGINT
+        )  # fmt: skip
         os.close(slave)
         self.seen = ""
 
@@ -93,6 +98,15 @@ class Terminal:
                 self.seen += ANSI.sub("", chunk.decode(errors="replace"))
         before, _, self.seen = self.seen.partition(marker)
         return before
+
+    def next_char(self, timeout_s: float = 120) -> str:
+        """Wait for at least one more character and return the first one not read yet."""
+        deadline = time.monotonic() + timeout_s
+        while not self.seen:
+            assert time.monotonic() < deadline, "the terminal printed nothing more"
+            if select.select([self.master], [], [], 0.2)[0]:
+                self.seen += ANSI.sub("", os.read(self.master, 4096).decode(errors="replace"))
+        return self.seen[0]
 
     def type(self, text: str) -> None:
         os.write(self.master, text.encode())
@@ -146,3 +160,23 @@ def test_chat_in_a_terminal(gateway_swarm: GatewaySwarm) -> None:
     finally:
         term.close()
     assert server_sessions(gateway_swarm) == sessions_before + 1
+
+
+def test_chat_ctrl_c_stops_a_reply_not_the_chat(gateway_swarm: GatewaySwarm) -> None:
+    term = Terminal([str(BIN / "pollen"), "chat", "--initial-peers", gateway_swarm.peers,
+                     "--model", str(gateway_swarm.model_a), "--greedy", "--max-new-tokens", "240"])  # fmt: skip
+    try:
+        term.read_until(">>> ")
+        term.type("hello world\n")
+        term.read_until("hello world\n")
+        term.read_until(term.next_char())  # the reply has started streaming
+        term.type("\x03")  # Ctrl-C
+        assert "[interrupted]" in term.read_until(">>> ")
+        term.type("/reset\n")
+        assert "(conversation reset)" in term.read_until(">>> ")
+        term.type("what is the answer\n")
+        assert term.read_until(">>> ").startswith("what is the answer\n")  # the chat goes on
+        term.type("\x03")  # Ctrl-C at the prompt quits
+        assert term.proc.wait(60) == 0
+    finally:
+        term.close()
