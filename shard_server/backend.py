@@ -173,7 +173,7 @@ class BlockBackend:
         """Gradients w.r.t. the inputs, the prompts and the client's LoRA; the server's weights stay frozen."""
         span = self.span_for(blocks)
         batch, seq, _ = hidden.shape
-        x = self._leaf(hidden).reshape(batch * seq, -1).detach()  # [N, hidden]
+        x = self._plain(hidden).reshape(batch * seq, -1)  # [N, hidden]
         g = self._to_compute(grad_output).reshape(batch * seq, -1)
         # Leaves: the tensors the client's gradients are taken w.r.t. (in the compute dtype)
         prompts = None
@@ -222,9 +222,13 @@ class BlockBackend:
         return Segment(batch, seq, None, 0, seg_mask, prompts, lora)
 
     def _leaf(self, t: torch.Tensor) -> torch.Tensor:
+        return self._plain(t).requires_grad_(True)
+
+    def _plain(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` in the compute dtype, detached, and not an inference tensor (an in-process caller's Forward output
+        is one, and could not join a graph)."""
         t = self._to_compute(t)
-        # a tensor made under inference mode (an in-process caller's Forward output) cannot join a graph
-        return (t.clone() if t.is_inference() else t.detach()).requires_grad_(True)
+        return t.clone() if t.is_inference() else t.detach()
 
     def _to_compute(self, t: torch.Tensor) -> torch.Tensor:
         # No copy when the client already sends the server's dtype on the server's device.
