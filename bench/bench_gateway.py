@@ -5,8 +5,9 @@ concurrent short chats (OpenAI /v1/chat/completions vs 16 concurrent SDK calls).
 Setup per model: its own dht-node, 2 shard-servers splitting the blocks, and one `pollen gateway` process; this
 process is the client of all three paths. Greedy decoding of a text prompt whose continuation has no EOS within
 --tokens tokens, so every path makes the same tokens (checked: the texts must be equal). Rounds interleave the
-paths in rotating order after one warm-up each; medians over rounds. TTFT: from sending the request to the first
-text piece (prefill + one token + the path's overhead); tokens/s: tokens / whole call.
+paths in rotating order after one warm-up each; medians over rounds. TTFT: from the start of the request (for the
+WebSocket: connecting and opening its session) to the first text piece, so every path includes opening the servers'
+session, the prefill and one token; tokens/s: tokens / whole call.
 
 Models: `tiny` (a 4-block random Llama with a tiny byte-level tokenizer, built on the fly) and SmolLM2 if
 `models/smollm2-135m` exists (`make model`).
@@ -186,10 +187,10 @@ async def ws_call(url: str, model: str, prompt: str, max_length: int) -> tuple[f
     stop sequence), ending when the session reaches `max_length` tokens."""
     from websockets.asyncio.client import connect
 
+    t0 = time.perf_counter()  # a fresh chat: connect and open the session, as the other paths open theirs
     async with connect(url.replace("http://", "ws://") + "/api/v2/generate") as ws:
         await ws.send(json.dumps({"type": "open_inference_session", "model": model, "max_length": max_length}))
         assert json.loads(await ws.recv())["ok"]
-        t0 = time.perf_counter()
         await ws.send(json.dumps({"type": "generate", "inputs": prompt, "max_new_tokens": 1,
                                   "stop_sequence": "\u0000never\u0000"}))  # fmt: skip
         first, text = 0.0, []
