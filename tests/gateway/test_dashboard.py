@@ -7,6 +7,7 @@ Runs after the API tests that use model A; it stops a server of model B only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -53,8 +54,9 @@ def test_two_models_at_once(gateway: GatewayProcess) -> None:
             assert reply.status_code == 200 and reply.json()["model"] == model
 
 
-@pytest.fixture
-def browser() -> Iterator[Any]:
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """Debian's chromium under Playwright. Missing chromium fails the test (CI installs it), never skips."""
     executable = shutil.which("chromium")
     if executable is None:
         pytest.fail(
@@ -73,9 +75,12 @@ def browser() -> Iterator[Any]:
             browser.close()
 
 
-def test_dashboard_shows_the_hole_live(
-    browser: Any, gateway: GatewayProcess, gateway_swarm: GatewaySwarm, tmp_path: Path
-) -> None:
+def test_dashboard_shows_the_hole_live(gateway: GatewayProcess, gateway_swarm: GatewaySwarm, tmp_path: Path) -> None:
+    with chromium() as browser:
+        check_dashboard(browser, gateway, gateway_swarm, tmp_path)
+
+
+def check_dashboard(browser: Any, gateway: GatewayProcess, gateway_swarm: GatewaySwarm, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": 1280, "height": 800})
