@@ -47,7 +47,7 @@ memory caps (all per node): one value --max-value-bytes; one key --max-subkeys-p
   IP beyond 200/s (burst 1000) are dropped. Malformed datagrams are logged and dropped.
 
 abuse limits: UDP requests per IP (--udp-rate-per-ip), gRPC calls per IP (--grpc-rate-per-ip,
-  RESOURCE_EXHAUSTED beyond) and 64 unary calls in flight per IP; UDP requests over 8 KiB
+  RESOURCE_EXHAUSTED beyond) and 256 unary calls in flight per IP; UDP requests over 8 KiB
   and gRPC requests over 2 MiB are refused unread. A reply to an address that has not yet
   answered us is at most 3x its request (larger ones ask the sender to repeat with a token),
   so a forged source address cannot be used to amplify traffic.

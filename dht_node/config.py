@@ -61,8 +61,9 @@ class DhtNodeConfig:
     # UDP requests one IP may send per second (burst: 5 s worth); many nodes can share an IP (NAT, loopback).
     udp_requests_per_ip_s: float = 2000.0
     # gRPC calls one IP may make per second (burst: 5 s worth), and unary calls it may have in flight.
-    grpc_calls_per_ip_s: float = 200.0
-    grpc_max_in_flight_per_ip: int = 64
+    grpc_calls_per_ip_s: float = 500.0
+    # A shard server announces every block at once (one Store per block key): 256 covers the largest models.
+    grpc_max_in_flight_per_ip: int = 256
 
     def __post_init__(self) -> None:
         # Checked here as well as in argparse so in-process users (tests, embedders) get the same errors.

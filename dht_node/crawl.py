@@ -41,11 +41,16 @@ class _State(enum.Enum):
 
 @dataclasses.dataclass
 class LookupStats:
+    lookups: int = 0
     sent: int = 0
     answered: int = 0
     slow: int = 0  # requests whose wait ran out (the lookup moved on)
     failed: int = 0
-    waited_on_slow: int = 0  # times the lookup had nobody else to ask and waited on a slow request
+    waited_on_slow: int = 0  # times a lookup had nobody else to ask and waited on a slow request
+
+    def add(self, other: LookupStats) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 class Lookup:
@@ -55,7 +60,7 @@ class Lookup:
         self.protocol = protocol
         self.target = target
         self.ksize, self.alpha = ksize, alpha
-        self.stats = LookupStats()
+        self.stats = LookupStats(lookups=1)
         self._nodes: dict[bytes, Node] = {}
         self._state: dict[bytes, _State] = {}
         self._push(peers)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import struct
 import time
@@ -25,6 +26,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from swarm.auth import SwarmKey
+
+log = logging.getLogger(__name__)
 
 TAG_BYTES = 16
 STAMP_BYTES = 8
@@ -45,6 +48,7 @@ class DatagramSeal:
         self._mac_key = key.derive("dht-datagram") if key is not None else None
         self._clock = clock
         self.dropped = 0  # datagrams that failed the MAC or the freshness check
+        self.stale = 0  # of those, datagrams with a valid MAC but a time stamp out of the window
 
     @property
     def keyed(self) -> bool:
@@ -72,8 +76,13 @@ class DatagramSeal:
             self.dropped += 1
             return None
         (stamp_ms,) = struct.unpack(">Q", body[:STAMP_BYTES])
-        if abs(self._clock() * 1000 - stamp_ms) > FRESHNESS_S * 1000:
+        skew_s = self._clock() - stamp_ms / 1000
+        if abs(skew_s) > FRESHNESS_S:
             self.dropped += 1
+            self.stale += 1
+            if self.stale & (self.stale - 1) == 0:  # 1st, 2nd, 4th...: a replay, or a clock that is off
+                log.warning("dropped a datagram of this swarm stamped %.0f s off our clock (%d so far); "
+                            "check the clocks (NTP) of the swarm's hosts", skew_s, self.stale)  # fmt: skip
             return None
         return body[STAMP_BYTES:]
 

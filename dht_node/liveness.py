@@ -22,6 +22,7 @@ from collections.abc import Callable
 Address = tuple[str, int]
 
 MIN_RTO_S = 0.05  # a loaded event loop delays replies by tens of ms; below this, waits only cause extra requests
+MAX_RTO_S = 1.0  # a contact slower than this is not waited for, whatever its history (its answer still counts)
 INITIAL_RTT_S = 0.1  # before any sample: loopback to a continent away is 0.1-0.3 s
 DEAD_TTL_S = 600.0
 SUSPECT_TTL_S = 30.0  # a suspect whose request outlived this is treated normally again (bounded memory)
@@ -54,7 +55,7 @@ def _bounded_set(table: OrderedDict[Address, float], address: Address, value: fl
 
 class Liveness:
     def __init__(self, max_rto_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_rto_s = max_rto_s  # never wait longer than the hard rpc timeout
+        self.max_rto_s = min(max_rto_s, MAX_RTO_S)  # never wait longer than the hard rpc timeout
         self._clock = clock
         self._rtts: OrderedDict[Address, _Rtt] = OrderedDict()
         self._overall = _Rtt(INITIAL_RTT_S)

@@ -28,15 +28,15 @@ from kademlia.node import Node
 from kademlia.utils import digest
 
 from dht_node.config import DhtNodeConfig
-from dht_node.crawl import NodeLookup, RecordLookup
+from dht_node.crawl import LookupStats, NodeLookup, RecordLookup
 from dht_node.datagram import DatagramSeal
 from dht_node.liveness import STALE_AFTER_S
-from dht_node.protocol import PollenProtocol
+from dht_node.protocol import DUE_SPREAD_S, PollenProtocol
 from dht_node.servicer import DhtServicer
 from dht_node.storage import Record, RecordStorage, merge_into
 from dht_node.validation import RecordValidator
+from swarm.access import CallLimits
 from swarm.aio import TaskSet
-from swarm.auth import CallLimits
 from swarm.identity import Identity
 from swarm.net import bind_server, create_server, format_address, parse_address
 from swarm.pb import dht_pb2, dht_pb2_grpc
@@ -100,7 +100,8 @@ class DhtNode:
         self._started = self._stopped = False
         self.upkeep_rounds = 0  # completed maintenance ticks (republish, bucket refresh): progress in node time
         self._lookups = asyncio.Semaphore(LOOKUP_CONCURRENCY)
-        self.last_lookup: RecordLookup | None = None  # the latest get's lookup and its stats (tests, benchmarks)
+        self.lookup_stats = LookupStats()  # summed over every get's lookup (tests, benchmarks)
+        self.stale_after_s = STALE_AFTER_S  # contacts silent this long are pinged at the next upkeep tick
 
     # ---- lifecycle ----
 
@@ -161,6 +162,7 @@ class DhtNode:
                     cfg.client_mode,
                     seal=DatagramSeal(cfg.security.swarm_key),
                     request_rate_per_s=cfg.udp_requests_per_ip_s,
+                    due_spread_s=min(DUE_SPREAD_S, cfg.republish_period_s),
                 ),
                 local_addr=(cfg.host, cfg.port),
             )
@@ -277,9 +279,9 @@ class DhtNode:
             )
 
     def _sweep_silent_contacts(self) -> None:
-        """Ping contacts silent for STALE_AFTER_S: a node that died quietly leaves the table (and stops being
-        handed out) within about STALE_AFTER_S + the rpc timeout, even if no lookup went near it."""
-        stale = self.protocol.stale_contacts(STALE_AFTER_S)
+        """Ping contacts silent for `stale_after_s`: a node that died quietly leaves the table (and stops being
+        handed out) within about stale_after_s + the rpc timeout, even if no lookup went near it."""
+        stale = self.protocol.stale_contacts(self.stale_after_s)
         for node in stale[:SWEEP_PINGS_PER_TICK]:
             self.tasks.spawn(self.protocol.call_ping(node), name="dht-liveness-ping")
 
@@ -340,7 +342,6 @@ class DhtNode:
         nearest = self.protocol.live_neighbors(target)
         if nearest:
             crawl = RecordLookup(self.protocol, key, target, nearest, self.config.ksize, self.config.alpha)
-            self.last_lookup = crawl
 
             async def bounded_find() -> None:
                 async with self._lookups:
@@ -352,5 +353,6 @@ class DhtNode:
                 log.info(
                     "lookup of %r ran out of time after %.2f s; answering with %d copies", key, timeout_s, crawl.holders
                 )
+            self.lookup_stats.add(crawl.stats)
             merge_into(record, crawl.record, self.storage.clock())
         return record

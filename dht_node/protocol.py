@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import Any, TypeGuard
 
@@ -42,8 +43,8 @@ from dht_node.storage import (
 )
 from dht_node.validation import RecordValidator
 from dht_node.wire import Address, Outgoing, RpcEndpoint
+from swarm.access import RateLimiter
 from swarm.aio import TaskSet
-from swarm.auth import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ STORE_BURST = 1000.0
 # Requests of any kind per sender IP (many nodes may share one IP: a NAT, or a test swarm on loopback).
 REQUEST_RATE_PER_S = 2000.0
 MAX_VERIFYING = 64  # pings in flight to new contacts whose address is unproven: bounds what forged sources cost
+# A contact's departure makes every holder of its keys republish them: spread over this long (at most the
+# republish period), the first holder's store reaches the others before they start, and they skip theirs.
+# Without it, one death makes every holder re-store every key at once, and on a busy host that burst delays
+# replies past the rpc timeout: live contacts then look dead too, and the storm feeds itself.
+DUE_SPREAD_S = 10.0
 
 
 def valid_node_id(value: object) -> TypeGuard[bytes]:
@@ -120,6 +126,7 @@ class PollenProtocol(RpcEndpoint):
         seal: DatagramSeal | None = None,
         request_rate_per_s: float = REQUEST_RATE_PER_S,
         guard: AddressGuard | None = None,
+        due_spread_s: float = DUE_SPREAD_S,
     ) -> None:
         super().__init__(
             rpc_timeout_s, seal or DatagramSeal(None), RateLimiter(request_rate_per_s, 5 * request_rate_per_s), guard
@@ -132,6 +139,8 @@ class PollenProtocol(RpcEndpoint):
         self.router = _Router(self, ksize, source_node)
         self.tasks = tasks
         self._verifying: set[Address] = set()  # new contacts we are pinging to prove their address
+        self._confirming: dict[Address, float] = {}  # contacts whose request timed out -> when pinged once more
+        self.due_spread_s = due_spread_s
         self._handlers: dict[str, Callable[..., Any]] = {
             "ping": self.rpc_ping,
             "store": self.rpc_store,
@@ -283,10 +292,28 @@ class PollenProtocol(RpcEndpoint):
         self.welcome_if_new(node)
 
     def on_timeout(self, request: Outgoing) -> None:
-        if request.node is not None:
-            self._contact_left(request.node)
-        else:
-            self.liveness.mark_dead(request.address)
+        """One unanswered request makes a contact suspect (nobody asks it or hands it out) and earns it one
+        more ping; only if that goes unanswered too is it dead. A host busy for one rpc timeout does not
+        lose its place in every routing table; lookups never wait for either timeout (crawl.py)."""
+        node, address = request.node, request.address
+        confirming_since = self._confirming.get(address)
+        if node is None or self.router.is_new_node(node):
+            # Not a contact of ours: dead for a while, unless the address is a contact's under another id (a
+            # ping to a forged id at a real node's address must not make us shun that node).
+            if not any(address_of(c) == address for c in self.router.contacts()):
+                self.liveness.mark_dead(address)
+        elif confirming_since is not None and request.sent_at >= confirming_since:
+            self._contact_left(node)  # the confirmation ping went unanswered too
+        elif confirming_since is None and not self.liveness.is_dead(address):
+            self.liveness.mark_suspect(address)
+            self._confirming[address] = time.monotonic()
+            self.tasks.spawn(self._confirm(node), name="dht-confirm-contact")
+
+    async def _confirm(self, node: Node) -> None:
+        try:
+            await self.call_ping(node)  # an answer clears the suspicion (wire.py); silence -> _contact_left
+        finally:
+            self._confirming.pop(address_of(node), None)
 
     def _contact_left(self, node: Node) -> None:
         """A contact did not answer: drop it, skip it for a while, and make the keys it helped hold due for
@@ -299,7 +326,7 @@ class PollenProtocol(RpcEndpoint):
             keynode = Node(key)
             neighbors = self.router.find_neighbors(keynode)
             if neighbors and node.distance_to(keynode) <= neighbors[-1].distance_to(keynode):
-                self.storage.mark_due(key)
+                self.storage.mark_due(key, random.uniform(0, self.due_spread_s))
                 due += 1
         self.router.remove_contact(node)
         log.info("contact left: %s:%s (no reply in %.1f s); %d keys to republish", node.ip, node.port,

@@ -171,6 +171,7 @@ class _Slot:
     touched: float  # monotonic time of the last store received or republish sent for this key
     name: str = ""  # the key itself (we index by its digest): republish and signature checks need it
     size: int = 0  # record_bytes(record), kept for the total-bytes cap
+    due_at: float = math.inf  # monotonic time at which a holder's departure makes it due for republishing
 
 
 class RecordStorage(IStorage):
@@ -226,7 +227,7 @@ class RecordStorage(IStorage):
                 continue
             current[subkey] = entry
             size += grow
-        slot.touched = time.monotonic()
+        slot.touched, slot.due_at = time.monotonic(), math.inf
         self._set(key, slot, current)
         return accepted
 
@@ -244,11 +245,13 @@ class RecordStorage(IStorage):
         slot = self._slots.get(key)
         return slot.name if slot is not None else ""
 
-    def mark_due(self, key: bytes) -> None:
-        """Make `key` due for republishing at the next upkeep tick (one of its holders left)."""
+    def mark_due(self, key: bytes, delay_s: float = 0.0) -> None:
+        """Make `key` due for republishing `delay_s` from now (one of its holders left). Every holder of the
+        key notices the departure: random delays let the first one re-store it everywhere, and a store
+        received in the meantime (that first holder's) cancels the others' republish (see `merge`)."""
         slot = self._slots.get(key)
         if slot is not None:
-            slot.touched = float("-inf")
+            slot.due_at = min(slot.due_at, time.monotonic() + delay_s)
 
     def cull(self) -> int:
         """Drop expired sub-keys and emptied keys; returns how many keys were dropped."""
@@ -266,7 +269,7 @@ class RecordStorage(IStorage):
     def mark_republished(self, key: bytes) -> None:
         slot = self._slots.get(key)
         if slot is not None:
-            slot.touched = time.monotonic()
+            slot.touched, slot.due_at = time.monotonic(), math.inf
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -286,9 +289,10 @@ class RecordStorage(IStorage):
         return self.get_record(key) or default
 
     def iter_older_than(self, seconds_old: float) -> list[tuple[bytes, Record]]:
-        """(key, record) for keys nobody stored or republished in the last `seconds_old` seconds."""
-        cutoff = time.monotonic() - seconds_old
-        stale = [key for key, slot in self._slots.items() if slot.touched <= cutoff]
+        """(key, record) for keys nobody stored or republished in the last `seconds_old` seconds, and keys
+        made due by `mark_due` whose delay has passed."""
+        now = time.monotonic()
+        stale = [key for key, slot in self._slots.items() if slot.touched <= now - seconds_old or slot.due_at <= now]
         return [(key, record) for key in stale if (record := self.get_record(key))]
 
     def __iter__(self) -> Iterator[tuple[bytes, Record]]:  # type: ignore[override]

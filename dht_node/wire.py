@@ -27,7 +27,7 @@ from kademlia.node import Node
 from dht_node.datagram import TOKEN_BYTES, AddressGuard, DatagramSeal
 from dht_node.liveness import Liveness
 from dht_node.storage import DATAGRAM_LIMIT_BYTES
-from swarm.auth import RateLimiter
+from swarm.access import RateLimiter
 
 log = logging.getLogger(__name__)
 

@@ -5,18 +5,17 @@ hex or raw). The secret itself never travels: each use derives its own key (HKDF
 DHT datagram MACs (dht_node/datagram.py) can never be confused with each other.
 
 gRPC: `AuthClientInterceptor` adds to every call the metadata `pollen-auth: v1.<ms>.<nonce>.<mac>`, an HMAC over
-(method, timestamp, nonce). `AccessInterceptor` on the server answers UNAUTHENTICATED to a call without a
-valid, fresh, never-seen proof (nonces are remembered for the freshness window, in a bounded cache), and
-RESOURCE_EXHAUSTED to an IP over its call rate. The gRPC health service stays open so that orchestrators can
-probe a keyed server. Use both through swarm.net (open_channel, create_server), the one place that builds
-channels and servers.
+(method, timestamp, nonce). `CallVerifier` checks it on the server: a valid, fresh, never-seen proof (nonces
+are remembered for the freshness window, in a bounded cache). swarm.access.AccessInterceptor answers
+UNAUTHENTICATED to a call without one (the gRPC health service stays open so that orchestrators can probe a
+keyed server). Use both through swarm.net (open_channel, create_server), the one place that builds channels
+and servers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import inspect
 import logging
 import os
 import secrets
@@ -24,8 +23,8 @@ import stat
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,6 @@ FRESHNESS_S = 120.0  # a proof is accepted this long before and after its timest
 REPLAY_CACHE_ENTRIES = 200_000  # ~30 MB at most; see ReplayCache for what happens when it is full
 # Open without a proof: orchestrators (Kubernetes, compose) probe health without knowing the swarm key.
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
-MAX_TRACKED_IPS = 8192
 
 
 class SwarmKeyError(ValueError):
@@ -88,6 +86,8 @@ class SwarmKey:
         if p.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warning("swarm key file %s is readable by others; chmod 600 it", p)
         text = b"".join(raw.split())
+        if not text:
+            raise SwarmKeyError(f"swarm key file {p} is empty; {_keygen_hint()}")
         try:
             hex_text = text.decode("ascii")
             secret = bytes.fromhex(hex_text) if hex_text and len(hex_text) % 2 == 0 else None
@@ -249,183 +249,6 @@ class AuthClientInterceptor(
 
     async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._with_proof(details), request_iterator)
-
-
-# ---- per-IP limits ----
-
-
-class RateLimiter:
-    """Token buckets by key (an IP address), in a bounded LRU: `allow(ip)` spends one token if there is one."""
-
-    def __init__(self, rate_per_s: float, burst: float, max_tracked: int = MAX_TRACKED_IPS) -> None:
-        if rate_per_s <= 0 or burst < 1:
-            raise ValueError("rate_per_s must be positive and burst at least 1")
-        self.rate, self.burst, self.max_tracked = rate_per_s, burst, max_tracked
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        self.dropped = 0
-
-    def allow(self, key: str) -> bool:
-        now = time.monotonic()
-        tokens, last = self._buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        ok = tokens >= 1.0
-        self._buckets[key] = (tokens - 1.0 if ok else tokens, now)
-        if len(self._buckets) > self.max_tracked:
-            self._buckets.popitem(last=False)
-        if not ok:
-            self.dropped += 1
-        return ok
-
-
-@dataclass(frozen=True)
-class CallLimits:
-    """What one IP may ask of a gRPC server: calls per second (burst: 5 s worth) and unary calls in flight."""
-
-    calls_per_s: float = 200.0
-    max_in_flight: int = 64
-
-    def __post_init__(self) -> None:
-        if self.calls_per_s <= 0 or self.max_in_flight < 1:
-            raise ValueError("calls_per_s must be positive and max_in_flight at least 1")
-
-
-def peer_ip(peer: str) -> str:
-    """gRPC's context.peer() ("ipv4:1.2.3.4:5", "ipv6:[::1]:5", "unix:...") → the IP (or the whole string)."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv6" and rest.startswith("["):
-        return rest[1 : rest.find("]")]
-    if kind == "ipv4":
-        return rest.rpartition(":")[0]
-    return peer
-
-
-@dataclass
-class _Gate:
-    """The per-IP state of one server: rate buckets and unary calls in flight."""
-
-    limits: CallLimits
-    rates: RateLimiter = field(init=False)
-    in_flight: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.rates = RateLimiter(self.limits.calls_per_s, 5 * self.limits.calls_per_s)
-
-
-class AccessInterceptor(grpc.aio.ServerInterceptor):
-    """Server side of private swarms and per-IP limits. Either part may be off (key=None, limits=None)."""
-
-    def __init__(
-        self, key: SwarmKey | None = None, limits: CallLimits | None = None, open_methods: frozenset[str] = OPEN_METHODS
-    ) -> None:
-        self.verifier = CallVerifier(key) if key is not None else None
-        self.gate = _Gate(limits) if limits is not None else None
-        self.open_methods = open_methods
-        self.refused: dict[str, int] = {}  # status code name -> calls refused (for logs and tests)
-
-    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
-        if handler is None or details.method in self.open_methods:
-            return handler
-        denial = None
-        if self.verifier is not None:
-            proof = next((v for k, v in details.invocation_metadata or () if k == AUTH_METADATA), None)
-            reason = self.verifier.problem(details.method, proof)
-            if reason is not None:
-                denial = (grpc.StatusCode.UNAUTHENTICATED, reason)
-        if denial is None and self.gate is None:
-            return handler  # nothing to check per call: the handler runs untouched
-        return _guarded(handler, self, denial)
-
-    def admit(
-        self, context: grpc.aio.ServicerContext, denial: tuple[grpc.StatusCode, str] | None
-    ) -> tuple[grpc.StatusCode, str] | None:
-        """The refusal for this call, if any: the rate limit first (cheapest for a flood), then the proof."""
-        if self.gate is not None:
-            ip = peer_ip(context.peer() or "")
-            if not self.gate.rates.allow(ip):
-                denial = (grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many calls from {ip}; slow down")
-        if denial is not None:
-            name = denial[0].name
-            self.refused[name] = self.refused.get(name, 0) + 1
-            if self.refused[name] & (self.refused[name] - 1) == 0:  # 1st, 2nd, 4th...: a line, not a flood
-                log.warning("refused a call from %s: %s (%d so far)", context.peer(), denial[1], self.refused[name])
-        return denial
-
-    def enter(self, context: grpc.aio.ServicerContext) -> str | None:
-        """Count a unary call in flight; None if its IP has too many already."""
-        if self.gate is None:
-            return ""
-        ip = peer_ip(context.peer() or "")
-        n = self.gate.in_flight.get(ip, 0)
-        if n >= self.gate.limits.max_in_flight:
-            return None
-        self.gate.in_flight[ip] = n + 1
-        return ip
-
-    def leave(self, ip: str) -> None:
-        if self.gate is not None and ip:
-            n = self.gate.in_flight.get(ip, 1) - 1
-            if n:
-                self.gate.in_flight[ip] = n
-            else:
-                self.gate.in_flight.pop(ip, None)
-
-
-def _guarded(
-    handler: grpc.RpcMethodHandler, access: AccessInterceptor, denial: tuple[grpc.StatusCode, str] | None
-) -> grpc.RpcMethodHandler:
-    """The same handler with the admission check in front. Unary calls are also counted in flight per IP;
-    streams pass through an async generator (one extra hop per message, no copy)."""
-    too_many = (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in flight from your address")
-
-    async def unary(behavior: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        refusal = access.admit(context, denial)
-        if refusal is not None:
-            await context.abort(*refusal)
-        ip = access.enter(context)
-        if ip is None:
-            await context.abort(*too_many)
-        try:
-            result = behavior(request, context)
-            return await result if inspect.isawaitable(result) else result
-        finally:
-            access.leave(ip or "")
-
-    def streaming(behavior: Any) -> Any:
-        if inspect.iscoroutinefunction(behavior):  # writes with context.write and returns None
-
-            async def write_style(request: Any, context: grpc.aio.ServicerContext) -> None:
-                refusal = access.admit(context, denial)
-                if refusal is not None:
-                    await context.abort(*refusal)
-                await behavior(request, context)
-
-            return write_style
-
-        async def generator_style(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            refusal = access.admit(context, denial)
-            if refusal is not None:
-                await context.abort(*refusal)
-            async for response in behavior(request, context):
-                yield response
-
-        return generator_style
-
-    def unary_style(behavior: Any) -> Any:
-        # a coroutine function, so that gRPC awaits it instead of running it on a thread
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await unary(behavior, request, context)
-
-        return call
-
-    serde = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary_style(handler.unary_unary), **serde)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(unary_style(handler.stream_unary), **serde)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **serde)
-    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **serde)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ _FAILOVER_CODES = {
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # this node's per-IP limit: another node has its own
 }
 
 

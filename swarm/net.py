@@ -21,7 +21,8 @@ from pathlib import Path
 
 import grpc
 
-from swarm.auth import AccessInterceptor, AuthClientInterceptor, CallLimits, SwarmKey, load_swarm_key
+from swarm.access import AccessInterceptor, CallLimits
+from swarm.auth import AuthClientInterceptor, SwarmKey, load_swarm_key
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # a long prefill of a big model is tens of MiB; the gRPC default is 4 MiB
 

@@ -11,13 +11,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from swarm.blocks import block_key
 from swarm.dht_client import DhtClient
+from swarm.errors import Unauthenticated
 from swarm.identity import Identity
+from swarm.net import Security
 from swarm.records import MODELS_KEY, ModelRecord, ServerRecord, model_key
+from tests.integration.dht_support import make_tls_files
 from tests.launcher import BIN, SwarmProcesses
 
 pytestmark = pytest.mark.e2e
@@ -43,6 +47,12 @@ FLAGS = [
     "--probe",
     "--allow-unsigned",
     "--max-total-bytes",
+    "--udp-rate-per-ip",
+    "--grpc-rate-per-ip",
+    "--swarm-key",
+    "--tls-cert",
+    "--tls-key",
+    "--tls-ca",
 ]
 
 
@@ -148,3 +158,42 @@ async def test_probe_prints_models_and_blocks_and_identity_is_private(tmp_path: 
             pinger = DhtClient([proc.address])
             assert (await pinger.ping()).peers == 1
             await pinger.close()
+
+
+async def test_private_swarm_of_processes_with_a_key_file_and_tls(tmp_path: Path) -> None:
+    """`dht-node --swarm-key FILE --tls-cert --tls-key`: members read and write, strangers are refused."""
+    key_file = tmp_path / "swarm.key"
+    assert subprocess.run([sys.executable, "-m", "swarm.auth", str(key_file)], check=True, timeout=HANG_S)
+    tls = make_tls_files(tmp_path)
+    flags = ("--swarm-key", str(key_file), "--tls-cert", tls["cert"], "--tls-key", tls["key"], "--rpc-timeout", "1")
+    with SwarmProcesses() as procs:
+        boot = procs.start_dht("dht0", None, *flags)
+        joiner = procs.start_dht("dht1", [boot.address], *flags)
+        stranger = procs.start_dht("dht2", [boot.address], "--rpc-timeout", "1")  # no key: joins nobody
+        member = Security.from_options(str(key_file), tls_ca=tls["ca"])
+        client = DhtClient([joiner.address], security=member)
+        try:
+            assert (await asyncio.wait_for(client.ping(), HANG_S)).peers == 1  # the stranger is not a contact
+            server = Identity.generate()
+            key = block_key("keyed-m", 0)
+            record = ServerRecord(peer_id=server.peer_id, address="127.0.0.1:9", model_id="keyed-m", start=0, end=1)
+            assert await asyncio.wait_for(client.store_signed(server, key, record.encode(), time.time() + 60), HANG_S)
+            reader = DhtClient([boot.address], security=member)
+            assert server.peer_id in await asyncio.wait_for(reader.get(key), HANG_S)
+            await reader.close()
+            outsider = DhtClient([boot.address], security=Security(tls=member.tls))  # TLS but no key
+            with pytest.raises(Unauthenticated):
+                await asyncio.wait_for(outsider.get(key), HANG_S)
+            await outsider.close()
+            plain = DhtClient([stranger.address])
+            assert (await asyncio.wait_for(plain.ping(), HANG_S)).peers == 0
+            await plain.close()
+        finally:
+            await client.close()
+    # a weak or missing key is a clear startup error (argparse exit code 2)
+    weak = tmp_path / "weak.key"
+    weak.write_text("password123")
+    for path in (weak, tmp_path / "missing.key"):
+        out = subprocess.run([str(BIN / "dht-node"), "--bootstrap", "--swarm-key", str(path)], capture_output=True,
+                             text=True, timeout=HANG_S)  # fmt: skip
+        assert out.returncode == 2 and "swarm key file" in out.stderr, out.stderr

@@ -4,14 +4,21 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import inspect
+import ipaddress
 import os
 import random
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import umsgpack
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from kademlia.utils import digest
 
 from dht_node.protocol import CLIENT_ID
@@ -53,10 +60,12 @@ async def wait_until(
 class _Collector(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.received: list[bytes] = []
+        self.sources: dict[bytes, tuple[str, int]] = {}  # datagram -> the address it came from
         self.arrived = asyncio.Event()
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.received.append(data)
+        self.sources[data] = (addr[0], addr[1])
         self.arrived.set()
 
 
@@ -67,9 +76,11 @@ class UdpPeer:
         self.transport, self._collector = transport, collector
 
     @classmethod
-    async def open(cls) -> UdpPeer:
+    async def open(cls, host: str = "127.0.0.1", port: int = 0) -> UdpPeer:
+        """A socket on `host` (any of 127.0.0.0/8 on Linux: another source IP for per-IP limits); a `port` of
+        a stopped node makes it a black hole where that node was (it counts what arrives, answers nothing)."""
         loop = asyncio.get_running_loop()
-        transport, collector = await loop.create_datagram_endpoint(_Collector, local_addr=("127.0.0.1", 0))
+        transport, collector = await loop.create_datagram_endpoint(_Collector, local_addr=(host, port))
         return cls(transport, collector)
 
     @property
@@ -79,6 +90,9 @@ class UdpPeer:
     @property
     def received(self) -> list[bytes]:
         return self._collector.received
+
+    def source_of(self, datagram: bytes) -> tuple[str, int]:
+        return self._collector.sources[datagram]
 
     def send(self, data: bytes, port: int) -> None:
         self.transport.sendto(data, ("127.0.0.1", port))
@@ -171,3 +185,48 @@ def fuzz_datagrams(rng: random.Random, count: int, model: str) -> list[bytes]:
         else:  # a reply nobody asked for
             out.append(b"\x01" + msg_id + umsgpack.packb(rng.choice(junk)))
     return out
+
+
+# ---- TLS material for tests: a CA and a server certificate it signed ----
+
+
+def make_tls_files(
+    directory: Path, common_name: str = "pollen-test", ips: tuple[str, ...] = ("127.0.0.1",)
+) -> dict[str, str]:
+    """Write ca.pem, server.pem and server.key (EC P-256) into `directory`; the server certificate names
+    `common_name` (DNS) and `ips` (IP SANs), so a client dialling 127.0.0.1 verifies it. Returns the paths."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{common_name} CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName(common_name)]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {"ca": directory / "ca.pem", "cert": directory / "server.pem", "key": directory / "server.key"}
+    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return {name: str(path) for name, path in paths.items()}

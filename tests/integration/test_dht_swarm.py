@@ -21,7 +21,7 @@ from kademlia.utils import digest
 from dht_node.node import DhtNode
 from dht_node.protocol import STORE_BURST, STORE_RATE_PER_S
 from dht_node.storage import Entry, Record
-from swarm.auth import RateLimiter
+from swarm.access import RateLimiter
 from swarm.blocks import block_key
 from swarm.dht_client import DhtClient
 from swarm.errors import InvalidRequest
