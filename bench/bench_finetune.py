@@ -5,8 +5,9 @@ Every setup is a prompt-tuned sequence classifier (pre_seq_len 8, the `score` he
 `model(ids, labels=...).loss.backward()`, so the time is the blocks' forward and backward (the servers recompute
 the forward in Backward, as Petals does) plus the transport; the classification head costs next to nothing.
 Setups: local transformers (the same prompts added by hooks, as tests/tuning_reference.py does); Pollen with
-ptune, deep_ptune, ptune + client LoRA (r=8 on q_proj and v_proj), and ptune with the batch sent as 4 parts of 2
-rows (the parts run concurrently, so both servers work at once). Gradients of the swarm's ptune step are checked
+ptune, deep_ptune, ptune + client LoRA (r=8 on q_proj and v_proj), all with the default max_tokens_per_call
+(1024: the 8 x 136 tokens go as 2 parts of 4 rows, run concurrently, so both servers work at once), and ptune
+sent as 1 part (no overlap) or as 4 parts. Gradients of the swarm's ptune step are checked
 against the local ones once (relative error < 1e-4).
 
 Method: all setups are up at once; one warm-up step each, then --repeats rounds timing every setup back to back in
@@ -77,11 +78,13 @@ def swarm_step(dht: str, path: Path, ids: Any, labels: Any, score: Any, mode: st
     from client_sdk import AutoDistributedModelForSequenceClassification
 
     options: dict[str, Any] = {}
-    if parts > 1:
-        options["max_tokens_per_call"] = (ids.shape[0] // parts) * (ids.shape[1] + PRE_SEQ_LEN)
+    if parts:  # else the default max_tokens_per_call
+        options["max_tokens_per_call"] = -(-ids.shape[0] // parts) * (ids.shape[1] + PRE_SEQ_LEN)
     model = AutoDistributedModelForSequenceClassification.from_pretrained(
         path, initial_peers=[dht], num_labels=2, tuning_mode=mode, pre_seq_len=PRE_SEQ_LEN, **options
     )
+    if model.config.pad_token_id is None:  # Petals' random `small` has none; the ids hold no padding anyway
+        model.config.pad_token_id = 0
     torch.manual_seed(0)
     with torch.no_grad():  # the local setup's prompt and head values, for the gradient check
         model.prompt_embeddings.weight.copy_(torch.randn(PRE_SEQ_LEN, model.family.hidden_size) * 0.02)
@@ -132,10 +135,11 @@ def main() -> None:
         setups: dict[str, tuple[Callable[[], None], list[int]]] = {"local transformers": (local, [me])}
         models = {}
         for name, mode, lora, parts in (
-            ("Pollen ptune", "ptune", False, 1),
-            ("Pollen deep_ptune", "deep_ptune", False, 1),
-            ("Pollen ptune + client LoRA r=8", "ptune", True, 1),
-            ("Pollen ptune, 4 parts of 2 rows", "ptune", False, 4),
+            ("Pollen ptune", "ptune", False, 0),
+            ("Pollen deep_ptune", "deep_ptune", False, 0),
+            ("Pollen ptune + client LoRA r=8", "ptune", True, 0),
+            ("Pollen ptune, 1 part (no split)", "ptune", False, 1),
+            ("Pollen ptune, 4 parts", "ptune", False, 4),
         ):
             step, model = swarm_step(dht, path, ids, labels, score.detach(), mode, lora, parts)
             setups[name], models[name] = (step, [me, *server_pids]), model

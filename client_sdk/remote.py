@@ -82,8 +82,9 @@ class RemoteCalls:
         end = self.view.num_blocks if end is None else end
         self._check_call(hidden, attention_mask, start, end, tuning)
         batch, seq = hidden.shape[:2]
-        step = self._rows_per_part(seq, start, end)
-        parts = [(a, min(a + step, batch)) for a in range(0, batch, step)]
+        count = -(-batch // self._rows_per_part(seq, start, end))  # as few parts as the limit allows, balanced
+        bounds = [round(i * batch / count) for i in range(count + 1)]
+        parts = list(zip(bounds, bounds[1:], strict=False))
 
         async def run(a: int, b: int) -> tuple[torch.Tensor, Part]:
             mask = None if attention_mask is None else attention_mask[a:b]
