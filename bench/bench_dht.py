@@ -166,7 +166,6 @@ async def amplification() -> None:
         node = DhtNode(host="127.0.0.1", port=0, ksize=8, initial_peers=[nodes[0].address])
         await node.start()
         nodes.append(node)
-    peer = await UdpPeer.open()
     try:
         key = block_key(MODEL, 0)
         expiration = time.time() + 3600
@@ -175,29 +174,28 @@ async def amplification() -> None:
             sig = server.sign(key, server.peer_id, value, expiration)
             await nodes[1].store(key, {server.peer_id: Entry(value, expiration, server.public_key, sig)})
         target = next(n for n in nodes if n.storage.get_record(digest(key)))
-        print(f"{'request':<28} {'in B':>5} {'out B':>6} {'ratio':>6}  reply")
+        print(f"{'request (from an unproven address)':<36} {'in B':>5} {'out B':>6} {'ratio':>6}  reply")
         for rpc, node_id in (("find_value", os.urandom(20)), ("find_value", CLIENT_ID), ("find_node", os.urandom(20))):
-            for token in (None, "token"):
-                if token:
+            for with_token in (False, True):
+                sender = await UdpPeer.open()  # a fresh address: a token proves it for a while
+                try:
                     args = [node_id, digest(key)]
-                    first = REQUEST + os.urandom(20) + umsgpack.packb([rpc, args])
-                    peer.received.clear()
-                    peer.send(first, target.port)
-                    await peer.barrier(target.port)
-                    retry = next(d for d in peer.received if d[1:21] == first[1:21])
-                    datagram = REQUEST + os.urandom(20) + umsgpack.packb([rpc, args, retry[21:]])
-                else:
-                    datagram = REQUEST + os.urandom(20) + umsgpack.packb([rpc, [node_id, digest(key)]])
-                peer.received.clear()
-                peer.send(datagram, target.port)
-                await peer.barrier(target.port)
-                replies = [d for d in peer.received if d[1:21] == datagram[1:21]]
+                    datagram = REQUEST + os.urandom(20) + umsgpack.packb([rpc, args])
+                    if with_token:  # the RETRY of a first request gives the token this request carries
+                        sender.send(datagram, target.port)
+                        await sender.barrier(target.port)
+                        retry = next(d for d in sender.received if d[1:21] == datagram[1:21])
+                        datagram = REQUEST + os.urandom(20) + umsgpack.packb([rpc, args, retry[21:]])
+                    sender.send(datagram, target.port)
+                    await sender.barrier(target.port)
+                    replies = [d for d in sender.received if d[1:21] == datagram[1:21]]
+                finally:
+                    sender.close()
                 out = sum(map(len, replies))
                 kind = {RESPONSE: "full reply", RETRY: "RETRY (token)"}.get(replies[0][:1], "?") if replies else "-"
-                label = f"{rpc} ({'node id' if node_id else 'client'}{', with token' if token else ''})"
-                print(f"{label:<28} {len(datagram):>5} {out:>6} {out / len(datagram):>6.1f}  {kind}")
+                label = f"{rpc} ({'node id' if node_id else 'client'}{', with its token' if with_token else ''})"
+                print(f"{label:<36} {len(datagram):>5} {out:>6} {out / len(datagram):>6.1f}  {kind}")
     finally:
-        peer.close()
         await asyncio.gather(*(n.stop(grace_s=0) for n in nodes))
 
 
