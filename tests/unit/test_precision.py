@@ -9,6 +9,7 @@ from client_sdk.config import ClientConfig
 from client_sdk.directory import SwarmView, decode_block_records, record_precision
 from swarm.dht_client import SubkeyEntry
 from swarm.errors import MissingBlocks
+from swarm.identity import Identity
 from swarm.records import ServerRecord
 
 NOW = 1_000_000.0
@@ -21,12 +22,18 @@ SERVERS = {  # peer -> (dtype, quant)
 }
 
 
+IDS = {name: Identity.generate() for name in SERVERS}  # clients only accept records signed by their server
+NAMES = {identity.peer_id: name for name, identity in IDS.items()}
+
+
 def entries() -> dict[str, SubkeyEntry]:
+    """The DHT record of block 0: each server's signed record, by peer id."""
     out = {}
-    for peer, (dtype, quant) in SERVERS.items():
-        record = ServerRecord(peer_id=peer, address="127.0.0.1:1", model_id="m", start=0, end=1, dtype=dtype,
-                              quant=quant)  # fmt: skip
-        out[peer] = SubkeyEntry(record.encode(), NOW + 60)
+    for name, (dtype, quant) in SERVERS.items():
+        me = IDS[name]
+        value = ServerRecord(peer_id=me.peer_id, address="127.0.0.1:1", model_id="m", start=0, end=1, dtype=dtype,
+                             quant=quant).encode()  # fmt: skip
+        out[me.peer_id] = SubkeyEntry(value, NOW + 60, me.public_key, me.sign("m.block.0", me.peer_id, value, NOW + 60))
     return out
 
 
@@ -43,18 +50,19 @@ def entries() -> dict[str, SubkeyEntry]:
 )
 def test_min_precision_keeps_servers_at_or_above_it(min_precision: str | None, kept: set[str]) -> None:
     out = decode_block_records([entries()], "m", "", NOW, min_precision=min_precision)
-    assert set(out.per_block[0]) == kept
+    assert {NAMES[peer] for peer in out.per_block[0]} == kept
     assert sum(n for reason, n in out.skipped.items() if reason.startswith("precision")) == len(SERVERS) - len(kept)
 
 
 def test_record_precision_names_quant_first() -> None:
-    record = ServerRecord.decode(entries()["int8"].value)
+    record = ServerRecord.decode(entries()[IDS["int8"].peer_id].value)
     assert record is not None and record_precision(record) == "int8"
 
 
 class FakeDht:
     async def batch_get(self, keys: list[str]) -> list[dict[str, SubkeyEntry]]:
-        return [{"nf4": entries()["nf4"]} for _ in keys]
+        nf4 = IDS["nf4"].peer_id
+        return [{nf4: entries()[nf4]} for _ in keys]
 
 
 async def test_route_explains_servers_ignored_for_precision() -> None:
