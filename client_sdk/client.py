@@ -76,13 +76,15 @@ class AsyncSwarmClient:
         from client_sdk.directory import SwarmView
         from swarm.dht_client import DhtClient, parse_peers
 
-        self.config = dataclasses.replace(config or ClientConfig(), **options)
+        self.config = cfg = dataclasses.replace(config or ClientConfig(), **options)
         peers = parse_peers(initial_peers)
+        # One Security for every channel (DHT and servers): a keyed swarm refuses calls without the key's proof.
+        # Read first: a bad key file fails before the model loads.
+        self.security = cfg.security()
         self.local: LocalModel = load_local_model(model, model_id, dtype)
         self.tokenizer = self.local.tokenizer
-        self.dht = DhtClient(peers, timeout_s=self.config.dht_timeout_s)
-        self.pool = ChannelPool(self.config.max_message_bytes)
-        cfg = self.config
+        self.dht = DhtClient(peers, timeout_s=cfg.dht_timeout_s, security=self.security)
+        self.pool = ChannelPool(cfg.max_message_bytes, self.security)
         self.view: SwarmView = SwarmView(
             self.dht,
             self.local.model_id,

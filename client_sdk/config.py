@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from swarm.net import DEFAULT_MAX_MESSAGE_BYTES
+from swarm.net import DEFAULT_MAX_MESSAGE_BYTES, Security
+
+# A CA bundle for TLS, when no tls_ca is given (the swarm key's counterpart is swarm.auth.SWARM_KEY_ENV).
+TLS_CA_ENV = "POLLEN_TLS_CA"
 
 
 @dataclass(frozen=True)
@@ -15,7 +19,11 @@ class ClientConfig:
     open_timeout_s: float = 30.0  # a server answering `open` (it may have to allocate the KV cache)
     step_timeout_s: float = 60.0  # one step on one server (a long prefill on a slow CPU takes a while)
     forward_timeout_s: float = 120.0  # one Forward/Backward call on one server
-    # Failovers per inference step / per Forward-Backward call: re-route the failed span and replay it.
+    # Inference sessions re-route around failed servers for as long as a route exists, within this time budget
+    # per step (or open), counted from the step's first failure; a dead server whose DHT record has not expired
+    # yet is banned and skipped, so it costs one failed attempt, never the whole budget.
+    failover_budget_s: float = 60.0
+    # Failovers per Forward/Backward call (fine-tuning): re-route the failed span and replay it.
     max_retries: int = 3
     retry_backoff_s: float = 0.0  # sleep before the first retry (0: a dead server is replaced at once)
     max_backoff_s: float = 5.0  # later retries sleep min_backoff x 2^n up to this (at least 0.1 s)
@@ -39,13 +47,25 @@ class ClientConfig:
     min_precision: str | None = None
     # Route only through servers that hold this LoRA adapter (`shard-server --adapters`), and apply it (None: none).
     active_adapter: str | None = None
+    # Private swarms (swarm.net.Security): the swarm key file shared by the swarm's processes (None: the file
+    # named by $POLLEN_SWARM_KEY if set, else an open swarm) and a CA bundle to dial servers over TLS and verify
+    # them (None: $POLLEN_TLS_CA if set, else plaintext gRPC).
+    swarm_key: str | None = None
+    tls_ca: str | None = None
+    # Verified outputs: this share of inference steps also runs on a second server holding the same span and
+    # the outputs are compared; on a disagreement a third server decides and the one in the minority is banned
+    # for the client's lifetime (its steps are redone elsewhere). 0 = off.
+    verify_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         if self.max_tokens_per_call < 1:
             raise ValueError("max_tokens_per_call must be >= 1")
-        for name in ("dht_timeout_s", "open_timeout_s", "step_timeout_s", "forward_timeout_s", "ping_timeout_s"):
+        if not 0 <= self.verify_fraction <= 1:
+            raise ValueError(f"verify_fraction must be in [0, 1], got {self.verify_fraction}")
+        names = ("dht_timeout_s", "open_timeout_s", "step_timeout_s", "forward_timeout_s", "ping_timeout_s")
+        for name in (*names, "failover_budget_s"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name} must be a finite positive number of seconds")
         for name in ("retry_backoff_s", "ban_s", "missing_blocks_wait_s", "refresh_period_s"):
@@ -65,6 +85,12 @@ class ClientConfig:
             raise ValueError(
                 f"min_precision must be float32, bfloat16, float16, int8 or nf4, got {self.min_precision!r}"
             )
+
+    def security(self) -> Security:
+        """The swarm key and TLS settings of every channel the client opens (DHT and servers). Raises ValueError
+        (SwarmKeyError) naming the file to fix."""
+        tls_ca = self.tls_ca or os.environ.get(TLS_CA_ENV, "").strip() or None
+        return Security.from_options(swarm_key=self.swarm_key, tls_ca=tls_ca)
 
     def backoff_s(self, attempt: int) -> float:
         """Sleep before retry number `attempt` (1-based): 0 first by default, then growing exponentially."""

@@ -12,7 +12,7 @@ import logging
 import grpc
 
 from swarm.errors import PollenError, from_rpc_error
-from swarm.net import DEFAULT_MAX_MESSAGE_BYTES, ChannelCache
+from swarm.net import DEFAULT_MAX_MESSAGE_BYTES, PLAINTEXT, ChannelCache, Security
 from swarm.pb import shard_pb2, shard_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -21,10 +21,12 @@ __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "ChannelPool", "rpc_error"]
 
 
 class ChannelPool:
-    """Shard stubs by address. Must be used from one event loop (grpc.aio channels are bound to theirs)."""
+    """Shard stubs by address. Must be used from one event loop (grpc.aio channels are bound to theirs).
+    `security`: the swarm key's per-call proofs and TLS of the client's private swarm (swarm.net)."""
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        self._channels = ChannelCache(max_message_bytes)
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, security: Security = PLAINTEXT) -> None:
+        self.security = security
+        self._channels = ChannelCache(max_message_bytes, security)
         self._stubs: dict[str, shard_pb2_grpc.ShardStub] = {}
 
     def shard(self, address: str) -> shard_pb2_grpc.ShardStub:

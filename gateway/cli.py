@@ -39,6 +39,19 @@ def _common(p: argparse.ArgumentParser, model_help: str, model_required: bool, m
         "in the local Hugging Face cache; append =MODEL_ID when servers announce it under another id.",
     )
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: POLLEN_LOG_LEVEL or INFO)")
+    # The client side of swarm.net.add_security_args: this process dials the swarm, it serves no gRPC.
+    sec = p.add_argument_group("private swarms")
+    sec.add_argument(
+        "--swarm-key",
+        metavar="FILE",
+        help="the swarm key file of a private swarm (the same file as its dht-nodes and servers); every gRPC "
+        "call carries a proof of it (default: $POLLEN_SWARM_KEY if set)",
+    )
+    sec.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="dial dht-nodes and servers over TLS and verify them against this CA bundle (default: $POLLEN_TLS_CA)",
+    )
 
 
 def _sampling(p: argparse.ArgumentParser, max_new: int, sample: bool) -> None:
@@ -175,8 +188,23 @@ def _peers(values: list[str]) -> tuple[str, ...]:
     return tuple(parse_peers(values))
 
 
+def _use_security(args: argparse.Namespace) -> None:
+    """Check --swarm-key/--tls-ca now (a clear error before anything connects) and hand them to every client
+    this process builds through the environment they read (ClientConfig.security): flags win over it."""
+    from client_sdk.config import TLS_CA_ENV
+    from swarm.auth import SWARM_KEY_ENV
+    from swarm.net import Security
+
+    Security.from_options(swarm_key=args.swarm_key, tls_ca=args.tls_ca)  # raises ValueError naming the file
+    if args.swarm_key:
+        os.environ[SWARM_KEY_ENV] = str(Path(args.swarm_key).expanduser().resolve())
+    if args.tls_ca:
+        os.environ[TLS_CA_ENV] = str(Path(args.tls_ca).expanduser().resolve())
+
+
 def _run(args: argparse.Namespace) -> int:
     peers = _peers(args.initial_peers)
+    _use_security(args)
     if args.command == "gateway":
         from gateway.config import GatewayConfig, read_api_keys
         from gateway.server import serve_gateway
