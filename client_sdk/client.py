@@ -28,8 +28,9 @@ from client_sdk.sampling import SamplingParams, make_generator, sample
 from client_sdk.session import Failover, InferenceSession, SessionRouter
 from client_sdk.transport import ChannelPool
 from client_sdk.tuning import Tuning
+from client_sdk.verify import OutputVerifier
 from swarm.aio import TaskSet
-from swarm.errors import InvalidRequest
+from swarm.errors import DhtUnavailable, InvalidRequest, MissingBlocks
 
 if TYPE_CHECKING:
     from client_sdk.directory import SwarmView
@@ -99,6 +100,12 @@ class AsyncSwarmClient:
         # Hidden states travel in this dtype (servers reply in it); logits are computed in the local dtype.
         self.wire_dtype = getattr(torch, cfg.wire_dtype) if cfg.wire_dtype else self.local.dtype
         self.remote = RemoteCalls(self.pool, self.view, self.local.model_id, cfg)
+        self.verifier: OutputVerifier | None = None
+        if cfg.verify_fraction > 0:
+            self.verifier = OutputVerifier(
+                self.pool, self.local.model_id, cfg.verify_fraction, self._same_span_holders,
+                distrust=self.view.distrust, on_failure=self.view.ban, timeout_s=cfg.forward_timeout_s,
+            )  # fmt: skip
         self.last_failovers: list[Failover] = []  # recoveries during the last generate call
         self.active_session: InferenceSession | None = None  # the session of the running generate call
         self._tasks = TaskSet()
@@ -246,13 +253,35 @@ class AsyncSwarmClient:
         with torch.inference_mode():
             return head.logits(hidden[:, -1:].to(self.local.dtype))[:, -1]  # [batch, vocab]
 
+    def _same_span_holders(self, span: Span) -> list[Span]:
+        """Servers able to recompute `span` for verification: usable, holding its blocks, of the same precision."""
+        from client_sdk.directory import record_precision
+
+        precision, banned = record_precision(span.record), self.view.banned()
+        return [
+            Span(r.peer_id, r.address, span.start, span.end, r)
+            for r in self.view.records.servers()
+            if r.start <= span.start and span.end <= r.end and r.peer_id not in banned
+            and record_precision(r) == precision
+        ]  # fmt: skip
+
     def router(self, max_length: int = 0, batch: int = 1) -> SessionRouter:
-        """How sessions re-route: the view's cheapest chain for the lost blocks, waiting for joiners."""
+        """How sessions re-route: the view's cheapest chain for the lost blocks on freshly read records (the session
+        asks again while there is none, within its failover budget)."""
         cfg = self.config
 
         async def route(start: int, end: int) -> list[Span]:
             costs = self._costs(max_length, batch)
-            return await self.view.wait_route(start, end, costs, wait_s=cfg.missing_blocks_wait_s, max_age_s=0.0)
+            try:
+                await self.view.refresh()  # fresh records: who left, who joined, who restarted elsewhere
+            except DhtUnavailable as e:  # keep routing on what we know; the session retries within its budget
+                log.warning("could not re-read the DHT (%s); routing on records %.0f s old", e, self.view.age_s())
+            try:
+                return self.view.route(start, end, costs)
+            except MissingBlocks:
+                # Every holder of these blocks failed recently; under churn some are back by now (a server
+                # restarted with its identity), so try them again rather than give up (a dead one fails fast).
+                return self.view.route(start, end, costs, ignore_bans=True)
 
         return SessionRouter(route=route, on_failure=self.view.ban, backoff_s=cfg.backoff_s)
 
@@ -286,7 +315,8 @@ class AsyncSwarmClient:
             step_timeout_s=cfg.step_timeout_s,
             open_timeout_s=cfg.open_timeout_s,
             router=self.router(max_length, batch),
-            max_retries=cfg.max_retries,
+            failover_budget_s=cfg.failover_budget_s,
+            verifier=self.verifier,
             push=cfg.use_push,
             tuning=tuning,
         )

@@ -133,6 +133,8 @@ class SwarmView:
         self.rtt_ema_alpha = rtt_ema_alpha
         self._banned_until: dict[str, float] = {}
         self._failures: dict[str, int] = {}  # consecutive failures per peer: the ban doubles with each
+        # Peers caught computing wrong outputs (verified steps): never used again by this client.
+        self.distrusted: dict[str, str] = {}  # peer_id -> why
         self.rtts_ms: dict[str, float] = {}  # smoothed client -> server RTT per peer_id
         self._refreshing: asyncio.Task[BlockRecords] | None = None
 
@@ -175,14 +177,21 @@ class SwarmView:
         log.info("avoiding peer %s for %.0f s (failure %d)", peer_id, duration_s, failures)
         return duration_s
 
+    def distrust(self, peer_id: str, why: str) -> None:
+        """Never route through `peer_id` again in this client's lifetime (it returned wrong outputs)."""
+        if peer_id not in self.distrusted:
+            log.error("peer %s banned for this client's lifetime: %s", peer_id, why)
+        self.distrusted[peer_id] = why
+
     def mark_ok(self, peer_id: str) -> None:
         """A call to the peer succeeded: its next failure starts the backoff over."""
         self._failures.pop(peer_id, None)
 
     def banned(self) -> set[str]:
+        """Peers avoided now: those that failed recently and the distrusted ones."""
         now = self._clock()
         self._banned_until = {p: t for p, t in self._banned_until.items() if t > now}
-        return set(self._banned_until)
+        return set(self._banned_until) | set(self.distrusted)
 
     # ---- RTTs ------------------------------------------------------------------------------------------
 
@@ -221,16 +230,22 @@ class SwarmView:
     # ---- routes ----------------------------------------------------------------------------------------
 
     def route(
-        self, start: int = 0, end: int | None = None, costs: RouteCosts | None = None, mode: str = "min_latency"
+        self,
+        start: int = 0,
+        end: int | None = None,
+        costs: RouteCosts | None = None,
+        mode: str = "min_latency",
+        ignore_bans: bool = False,
     ) -> list[Span]:
         """A chain for blocks [start, end) over the current records: the cheapest (`min_latency`, inference)
         or a throughput-weighted random one (`max_throughput`, Forward/Backward; may start mid-span).
+        `ignore_bans` uses peers that failed recently too (never distrusted ones): a last resort under churn.
 
         Raises ModelMismatch when the only servers for a missing block run another config of the model
         (more useful than "missing"), else MissingBlocks.
         """
         end = self.num_blocks if end is None else end
-        records, banned = self.records.servers(), self.banned()
+        records, banned = self.records.servers(), (set(self.distrusted) if ignore_bans else self.banned())
         try:
             if mode == "max_throughput":
                 return sample_route(records, start, end, banned=banned, model_id=self.model_id)

@@ -5,7 +5,9 @@ one `_span_step`, in both modes below. Every span keeps the inputs its server co
 records of `StepInput`). When a server fails (broken stream, error reply, timeout, corrupt tensor), the session
 bans it, asks the router for a replacement chain for exactly the lost blocks, replays that span's history there
 in one message (the current step's input appended) to rebuild the KV cache, and carries on, so the outputs are
-the same as without the failure.
+the same as without the failure. Failovers are bounded by time, not by a count (`failover_budget_s`, from a
+step's first failure): under churn a session may meet several dead servers whose DHT records have not expired
+yet, each banned and skipped at once, and it keeps going as long as some route exists within the budget.
 
 With `push`, the client writes each step to the first server only, and every server forwards its output
 to the next one itself (client -> A -> B -> client); servers still return their outputs to the client, for
@@ -29,10 +31,14 @@ from client_sdk.routing import Span
 from client_sdk.span_stream import SpanError, SpanStream, StepInput, bad_reply, consolidate
 from client_sdk.transport import ChannelPool
 from client_sdk.tuning import Tuning
+from client_sdk.verify import OutputVerifier
+from swarm.errors import PollenError
 from swarm.pb import shard_pb2
 from swarm.tensors import to_proto
 
 log = logging.getLogger(__name__)
+
+MIN_ROUTE_POLL_S = 0.2  # between two route requests that found nothing: records and bans change over seconds
 
 
 @dataclass(frozen=True)
@@ -69,9 +75,11 @@ class InferenceSession:
         open_timeout_s: float = 30.0,
         session_id: str | None = None,
         router: SessionRouter | None = None,
-        max_retries: int = 0,
+        max_retries: int | None = None,
         push: bool = False,
         tuning: Tuning | None = None,
+        failover_budget_s: float = 60.0,
+        verifier: OutputVerifier | None = None,
     ) -> None:
         if not route:
             raise ValueError("an inference session needs at least one span")
@@ -84,13 +92,16 @@ class InferenceSession:
         self.open_timeout_s = open_timeout_s
         self.session_id = session_id or uuid.uuid4().hex
         self.router = router
-        self.max_retries = max_retries
+        self.max_retries = max_retries  # an optional cap on failovers per step (None: only the time budget)
+        self.failover_budget_s = failover_budget_s  # seconds of failovers per step (or open), from its first failure
         self.push = push
         self.tuning = tuning  # adapter and client LoRA, sent to every span at open (its blocks' share)
+        self.verifier = verifier  # checks a random share of span steps on other servers (verify.py)
         self.streams: list[SpanStream] = []
         self.position = 0  # tokens processed by every span
         self.failovers: list[Failover] = []
         self._failures = 0  # in the current step (or open)
+        self._failing_since: float | None = None  # monotonic time of the current step's first failure
 
     @property
     def spans(self) -> list[Span]:
@@ -111,7 +122,7 @@ class InferenceSession:
                 await self.close()
                 raise result
         try:
-            self._failures = 0
+            self._failures, self._failing_since = 0, None
             i = 0
             while i < len(self.streams):
                 error = self.streams[i].error
@@ -152,7 +163,7 @@ class InferenceSession:
             raise ValueError(f"step would reach {self.position + n} tokens, over max_length {self.max_length}")
         if attention_mask is not None and attention_mask.shape != (hidden.shape[0], self.position + n):
             raise ValueError(f"attention_mask must be [batch, {self.position + n}]")
-        self._failures = 0
+        self._failures, self._failing_since = 0, None
         x = StepInput(uuid.uuid4().hex, hidden, self.position, attention_mask, hypo_ids, prompts)  # span i's input
         push = self.push and len(self.streams) > 1 and prompts is None
         push = push and all(s.error is None and s.position == self.position for s in self.streams)
@@ -171,6 +182,9 @@ class InferenceSession:
             except SpanError as e:
                 e.stream.error = e
                 push = False
+                continue
+            if await self._outvoted(i, inp, out, prompts):
+                push = False  # stream i is replaced at the top of the loop; its steps are redone there
                 continue
             full = out if inp.position < x.position else None
             x = dataclasses.replace(x, hidden=out[:, -n:])
@@ -193,6 +207,25 @@ class InferenceSession:
         stream.confirm(inp)
         return out
 
+    async def _outvoted(self, i: int, inp: StepInput, out: torch.Tensor, prompts: torch.Tensor | None) -> bool:
+        """Maybe (verify_fraction) check span i's output on other servers; True if two of them outvoted it.
+        Its stream then fails (replaced, its history replayed elsewhere) and every later span rebuilds its cache
+        by replay: what they hold may come from the wrong server's earlier, unchecked steps."""
+        # Sessions with deep prompts or tuning are not checked: a plain Forward would not apply them.
+        if self.verifier is None or prompts is not None or self.tuning is not None or not self.verifier.wants():
+            return False
+        stream = self.streams[i]
+        full_input = consolidate(stream.history)  # [batch, inp.end, hidden]: confirm() already appended inp
+        if full_input is None or full_input.shape[1] != inp.end:
+            return False
+        verdict = await self.verifier.check(stream.span, full_input, inp.mask, out)
+        if verdict.wrong != stream.span.peer_id:
+            return False
+        stream.error = SpanError(stream, bad_reply(stream.span, "returned outputs that two other servers outvoted"))
+        for later in self.streams[i + 1 :]:
+            later.position = 0  # behind the session: replayed from the corrected outputs
+        return True
+
     async def _push_arrives(self, i: int, step_id: str) -> bool:
         """Wait until stream i answers (True), or its predecessor reports that the push failed or its stream
         broke (False: the client sends the step itself)."""
@@ -214,26 +247,35 @@ class InferenceSession:
                 prev.error = SpanError(prev, bad_reply(prev.span, f"sent {msg.WhichOneof('kind')!r} between steps"))
         return reply.done() or (prev.push_failed != step_id and prev.error is None)
 
+    def _time_left_s(self) -> float:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        return self.failover_budget_s - (now - self._failing_since)
+
     async def _replace(self, i: int, failure: SpanError) -> None:
         """Swap stream i for a fresh chain over exactly its blocks; its history moves to the first new stream,
-        which replays it when the step reaches it. Raises the error if it is not retryable or retries are used up."""
+        which replays it when the step reaches it. Raises the error if it is not retryable or the step's failover
+        budget (time, and `max_retries` if set) is used up."""
         t0 = time.perf_counter()
         old = self.streams[i]
         error = failure.error
-        if self.router is None or not error.retryable or self._failures >= self.max_retries:
+        if self.router is None or not error.retryable:
+            raise error
+        left = self._time_left_s()
+        if left <= 0 or (self.max_retries is not None and self._failures >= self.max_retries):
+            log.warning("session %s: giving up on blocks %d:%d after %d failover(s) in %.1f s: %s",
+                        self.session_id, old.span.start, old.span.end, self._failures,
+                        self.failover_budget_s - left, error)  # fmt: skip
             raise error
         self._failures += 1
-        self.router.on_failure(old.span.peer_id)
+        self.router.on_failure(old.span.peer_id)  # banned: a dead server with a live record is not picked again
         old.cancel()
         log.warning(
-            "session %s: %s failed at position %d (%s); re-routing blocks %d:%d, retry %d/%d",
-            self.session_id, old.span, self.position, error, old.span.start, old.span.end,
-            self._failures, self.max_retries,
+            "session %s: %s failed at position %d (%s); re-routing blocks %d:%d (failover %d, %.0f s left)",
+            self.session_id, old.span, self.position, error, old.span.start, old.span.end, self._failures, left,
         )  # fmt: skip
-        delay = self.router.backoff_s(self._failures)
-        if delay > 0:
-            await asyncio.sleep(delay)
-        route = await self.router.route(old.span.start, old.span.end)
+        route = await self._new_route(old.span.start, old.span.end, error)
         results = await asyncio.gather(*(self._open(s) for s in route), return_exceptions=True)
         new: list[SpanStream] = []
         for result in results:
@@ -253,6 +295,25 @@ class InferenceSession:
         self.failovers.append(
             Failover(str(old.span), str(error), [str(s.span) for s in new], self.position, time.perf_counter() - t0)
         )
+
+    async def _new_route(self, start: int, end: int, error: PollenError) -> list[Span]:
+        """A chain for blocks [start, end), asking the router again (after backoff) while it finds none (every
+        holder failed recently, the DHT is unreachable for a moment) and the budget lasts; then `error`."""
+        if self.router is None:
+            raise error
+        attempt, delay = self._failures, self.router.backoff_s(self._failures)
+        while True:
+            delay = min(delay, max(0.0, self._time_left_s()))
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                return await self.router.route(start, end)
+            except PollenError as e:
+                if not e.retryable or self._time_left_s() <= 0:
+                    raise e from error
+                log.info("session %s: no route for blocks %d:%d yet (%s); trying again", self.session_id, start, end, e)
+            attempt += 1
+            delay = max(MIN_ROUTE_POLL_S, self.router.backoff_s(attempt))
 
     async def close(self) -> None:
         """Half-close every stream so servers free the caches, then drop them; never raises."""
