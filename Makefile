@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 MODEL_DIR ?= models/smollm2-135m
 
-.PHONY: install proto proto-check lint typecheck import-check test test-fast demo bench model clean
+.PHONY: install proto proto-check lint typecheck import-check test test-fast demo finetune-demo bench model clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ model: $(MODEL_DIR)/model.safetensors
 
 demo: model
 	$(PY) scripts/demo.py --model $(MODEL_DIR)
+
+# Prompt-tunes SmolLM2 for sentiment (generated data) through a local 2-server swarm; a few minutes on CPU.
+finetune-demo: model
+	$(PY) scripts/finetune_demo.py --model $(MODEL_DIR)
 
 bench: model
 	$(PY) bench/bench_generate.py --model $(MODEL_DIR)
