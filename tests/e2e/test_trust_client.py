@@ -97,7 +97,7 @@ def test_keyed_client_reads_the_swarm_and_generates(private: Private, reference:
             assert info.servers == []  # the keyed DHT answered; servers cannot join it yet
             pytest.skip("shard-server has no --swarm-key yet: only the DHT side is checked")
         assert sorted((r.start, r.end) for r in info.servers) == [(0, 2), (2, 4)]
-        assert client.generate(PROMPT, max_new_tokens=NEW_TOKENS, eos_token_id=None) == reference
+        assert client.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS) == reference
 
 
 def test_key_from_the_environment(private: Private, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -88,7 +88,7 @@ def cheater_peer(client: SwarmClient, swarm: Swarm) -> str:
 def test_without_verification_the_cheater_corrupts_the_output(swarm: Swarm) -> None:
     # The premise: the fast cheater is on the route, and the tokens are those of its noisy weights.
     with SwarmClient([swarm.dht.address], swarm.model, refresh_period_s=0) as client:
-        out = client.generate(PROMPT, max_new_tokens=NEW_TOKENS, eos_token_id=None)
+        out = client.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
     assert out == reference(swarm.bad_model, PROMPT) != reference(swarm.model, PROMPT)
 
 
@@ -97,10 +97,10 @@ def test_verification_catches_the_cheater_and_stays_exact(swarm: Swarm) -> None:
     with SwarmClient([swarm.dht.address], swarm.model, verify_fraction=1.0, refresh_period_s=0) as client:
         bad = cheater_peer(client, swarm)
         assert bad in {s.peer_id for s in client.async_client.view.route()}  # the fast cheater is on the route
-        assert client.generate(PROMPT, max_new_tokens=NEW_TOKENS, eos_token_id=None) == expected
+        assert client.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS) == expected
         view, verifier = client.async_client.view, client.async_client.verifier
         assert verifier is not None and verifier.disagreements >= 1
         assert set(view.distrusted) == {bad}  # the honest servers were never blamed
         # banned for the client's lifetime: later sessions never route through it
-        assert client.generate(PROMPT, max_new_tokens=NEW_TOKENS, eos_token_id=None) == expected
+        assert client.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS) == expected
         assert all(s.peer_id != bad for s in client.async_client.view.route())
