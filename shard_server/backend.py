@@ -45,7 +45,8 @@ class KvHandle:
 
     @property
     def nbytes(self) -> int:
-        return self.cache.nbytes if self.cache is not None else 0
+        cache = self.cache  # one read: /metrics calls this from its own thread
+        return cache.nbytes if cache is not None else 0
 
 
 @dataclass(eq=False)

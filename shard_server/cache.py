@@ -126,8 +126,9 @@ class SessionCache:
         return list(self._sessions.values())
 
     def allocated_bytes(self) -> int:
-        """Bytes of KV buffers that really exist now (<= used_bytes; buffers appear at a session's first step)."""
-        return sum(s.kv.nbytes for s in self._sessions.values())
+        """Bytes of KV buffers that really exist now (<= used_bytes; buffers appear at a session's first step).
+        Safe from another thread (/metrics): it walks a copy of the sessions."""
+        return sum(s.kv.nbytes for s in list(self._sessions.values()))
 
     # ---- admission --------------------------------------------------------------------------------------
 

@@ -2,6 +2,10 @@
 
 Exit codes: 0 after a graceful stop, 2 for a usage/configuration error (one line on stderr, no
 traceback), 1 if the server could not start for another reason (e.g. no dht-node took its announcement).
+
+The process ends with os._exit once the server has stopped and the logs are flushed: nothing is left to do,
+and interpreter finalization with native threads still parked (gRPC's poller, torch's OpenMP pool) is where
+a process can abort instead of exiting 0.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -105,6 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "measured faster at start-up")
     p.add_argument("--max-message-bytes", type=_positive_int, default=64 * MIB,
                    help="largest gRPC message sent or received, in bytes")
+    p.add_argument("--max-receive-bytes", type=_positive_int, default=None,
+                   help="largest gRPC message received, in bytes; a larger one is refused from its length prefix, "
+                        "before its body is read (default: --max-message-bytes)")
+    p.add_argument("--max-inbox-bytes", type=_positive_int, default=16 * MIB,
+                   help="bytes of steps one inference session may have waiting (pushed by the previous server or "
+                        "sent ahead by its client); a push beyond is refused, the client's stream is not read")
+    p.add_argument("--max-queued-bytes", type=_positive_int, default=256 * MIB,
+                   help="input bytes of the Forward/Backward requests waiting for the worker at most; more get "
+                        "RESOURCE_EXHAUSTED")
+    p.add_argument("--rate-per-ip", type=_positive_float, default=2000.0,
+                   help="gRPC calls one IP may make per second, burst 5 s worth (pushes from a busy previous "
+                        "server count); more get RESOURCE_EXHAUSTED")
+    p.add_argument("--calls-in-flight-per-ip", type=_positive_int, default=256,
+                   help="unary calls (Info, Push) one IP may have in flight")
+    p.add_argument("--max-sessions-per-ip", type=_positive_int, default=64,
+                   help="inference sessions plus Forward/Backward streams one IP may have open at once")
     p.add_argument("--max-batch-size", type=_positive_int, default=8192,
                    help="largest request in tokens (batch x new tokens) for Forward, Backward and inference "
                         "steps; also the most rows of one batched decode step")
@@ -139,12 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="log level (default: $POLLEN_LOG_LEVEL or INFO)")
     # fmt: on
+    from swarm.net import add_security_args  # the same --swarm-key/--tls-* flags as every Pollen command
+
+    add_security_args(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ShardServerConfig:
     """Raises ValueError with a one-line message when flags are inconsistent."""
-    from swarm.net import parse_addresses  # here, not at the top: `--help` needs no grpc
+    from swarm.net import parse_addresses, security_from_args
 
     return ShardServerConfig(
         model=args.model,
@@ -185,6 +209,13 @@ def config_from_args(args: argparse.Namespace) -> ShardServerConfig:
         adapters=tuple(item.strip() for item in args.adapters.split(",") if item.strip()),
         max_lora_rank=args.max_lora_rank,
         max_backward_tokens=args.max_backward_tokens,
+        security=security_from_args(args),
+        max_receive_bytes=args.max_receive_bytes,
+        max_inbox_bytes=args.max_inbox_bytes,
+        max_queued_bytes=args.max_queued_bytes,
+        calls_per_ip_s=args.rate_per_ip,
+        max_calls_in_flight_per_ip=args.calls_in_flight_per_ip,
+        max_streams_per_ip=args.max_sessions_per_ip,
     )
 
 
@@ -212,17 +243,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     from shard_server.server import ShardServer
     from shard_server.startup import ConfigError
 
+    code = 0
     try:
         asyncio.run(ShardServer(config).run())
     except (ModelNotFound, LoadError, ConfigError) as e:
         sys.stderr.write(f"shard-server: error: {e}\n")
-        return 2
+        code = 2
     except TimeoutError as e:
         sys.stderr.write(f"shard-server: error: {e}\n")
-        return 1
+        code = 1
     except KeyboardInterrupt:
-        return 130  # only if the signal arrived before the handlers were installed
-    return 0
+        code = 130  # only if the signal arrived before the handlers were installed
+    _exit_now(code)
+    return code  # not reached
+
+
+def _exit_now(code: int) -> None:
+    """End the process without interpreter finalization (see the module docstring), output flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can be said there
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

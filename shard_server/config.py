@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from swarm.blocks import BlockRange
+
+if TYPE_CHECKING:  # swarm.net imports grpc: not needed to build a config (or for `shard-server --help`)
+    from swarm.net import Security
 
 MIB = 1 << 20
 
@@ -92,6 +96,23 @@ class ShardServerConfig:
     max_lora_rank: int = 64
     # Largest Backward request in tokens (batch x seq); None = as many as the activation budget allows (<= 2048).
     max_backward_tokens: int | None = None
+    # ---- private swarms and abuse limits ----
+    # Swarm key and TLS (swarm.net.Security) for this server's gRPC port and its own calls (DHT, pushes, RTT
+    # probes); None = plaintext and no key.
+    security: Security | None = None
+    # Largest gRPC message received, in bytes (refused from its length prefix, unread); None = max_message_bytes.
+    max_receive_bytes: int | None = None
+    # Steps one inference session may have waiting (pushed or sent ahead by its client), in bytes; one step
+    # always fits an empty inbox.
+    max_inbox_bytes: int = 16 * MIB
+    # Input bytes of the queued Forward/Backward requests at most (one request always fits an empty queue).
+    max_queued_bytes: int = 256 * MIB
+    # gRPC calls one IP may make per second (burst: 5 s worth); pushes from a busy upstream server count too.
+    calls_per_ip_s: float = 2000.0
+    # Unary calls (Info, Push) one IP may have in flight.
+    max_calls_in_flight_per_ip: int = 256
+    # Inference sessions plus Forward/Backward streams one IP may have open at once.
+    max_streams_per_ip: int = 64
 
     def __post_init__(self) -> None:
         # Checked here as well as in argparse so in-process users (tests, embedders) get the same errors.
@@ -135,6 +156,16 @@ class ShardServerConfig:
             raise ValueError("max_lora_rank must be at least 1")
         if self.max_backward_tokens is not None and self.max_backward_tokens < 1:
             raise ValueError("max_backward_tokens must be at least 1")
+        if self.max_receive_bytes is not None and self.max_receive_bytes < 1:
+            raise ValueError("max_receive_bytes must be at least 1")
+        if self.max_inbox_bytes < 1 or self.max_queued_bytes < 1:
+            raise ValueError("max_inbox_bytes and max_queued_bytes must be at least 1")
+        if self.calls_per_ip_s <= 0 or self.max_calls_in_flight_per_ip < 1 or self.max_streams_per_ip < 1:
+            raise ValueError("per-IP limits must be positive")
+        if self.security is not None and self.security.tls is not None and not self.security.tls.serves:
+            raise ValueError(
+                "a shard-server serving TLS needs --tls-cert and --tls-key (--tls-ca alone is for clients)"
+            )
 
     @property
     def announce_every_s(self) -> float:

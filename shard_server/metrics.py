@@ -1,19 +1,22 @@
 """Prometheus metrics of one shard server, in a private registry (two servers in one process never collide),
-and a tiny asyncio HTTP endpoint serving them at /metrics (no extra thread).
+served at /metrics by prometheus_client's own HTTP server (a thread; its request parsing is the standard
+library's, with its limits on line length and header count).
 
-Load figures (sessions, cache bytes, queue) are read when scraped, so the hot path pays only for counters and
-one histogram observation per request. Imported only with `--metrics-port` (prometheus_client costs start-up
-time and memory a server without an endpoint would never use).
+Load figures (sessions, cache bytes, queue) are read when scraped, on that server's thread: they read plain
+numbers or copies of the containers they walk, never state that is half updated. The hot path pays only for
+counters and one histogram observation per request. Imported only with `--metrics-port` (prometheus_client
+costs start-up time and memory a server without an endpoint would never use).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import threading
 from collections.abc import Callable
+from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
 from shard_server.cache import SessionCache
 from shard_server.memory import rss_bytes
@@ -97,45 +100,28 @@ def register_gauges(
 
 
 class MetricsEndpoint:
-    """GET /metrics → Prometheus text format; anything else → 404. HTTP/1.0 style: one request per connection."""
+    """prometheus_client's HTTP server on `host:port` (0 picks a free port), serving the metrics."""
 
     def __init__(self, metrics: ServerMetrics, host: str, port: int) -> None:
         self.metrics = metrics
         self.host = host
         self.requested_port = port
         self.port = 0
-        self._server: asyncio.Server | None = None
+        self._server: Any = None  # a wsgiref WSGIServer
+        self._thread: threading.Thread | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.requested_port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._server, self._thread = start_http_server(self.requested_port, self.host, registry=self.metrics.registry)
+        self.port = self._server.server_port
         log.info("metrics at http://%s:%d/metrics", self.host, self.port)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
-            self._server = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), 5.0)
-            while await asyncio.wait_for(reader.readline(), 5.0) not in (b"\r\n", b"\n", b""):
-                pass  # headers are not needed
-            parts = request.decode("latin-1").split()
-            if len(parts) >= 2 and parts[0] in ("GET", "HEAD") and parts[1].split("?")[0] == "/metrics":
-                body = self.metrics.render()
-                head = f"HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
-            else:
-                body = b"not found; try /metrics\n"
-                head = "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n"
-            head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            writer.write(head.encode() + (body if parts and parts[0] != "HEAD" else b""))
-            await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        if self._server is None:
+            return
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        # shutdown() waits for serve_forever to notice (up to its 0.5 s poll): off the event loop
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 2.0)

@@ -16,7 +16,7 @@ import grpc
 from swarm.blocks import BlockRange, block_key
 from swarm.dht_client import DhtClient
 from swarm.errors import PollenError
-from swarm.net import ChannelCache
+from swarm.net import PLAINTEXT, ChannelCache, Security
 from swarm.pb import shard_pb2, shard_pb2_grpc
 from swarm.records import ServerRecord, ServerState, decode_server_records
 
@@ -34,6 +34,7 @@ class PeerRtts:
         peer_id: str,
         alpha: float = 0.3,
         timeout_s: float = 2.0,
+        security: Security = PLAINTEXT,
     ) -> None:
         self.dht = dht
         self.model_id = model_id
@@ -42,7 +43,8 @@ class PeerRtts:
         self.alpha = alpha
         self.timeout_s = timeout_s
         self.rtts_ms: dict[str, float] = {}
-        self._channels = ChannelCache()
+        self._channels = ChannelCache(security=security)
+        self._addresses: set[str] = set()  # of the servers probed last time (their channels stay open)
 
     def snapshot(self) -> dict[str, float]:
         """Best entries first, at most MAX_PEERS (what goes into the announced record)."""
@@ -62,10 +64,14 @@ class PeerRtts:
         return list(found.values())
 
     async def measure(self) -> None:
-        servers = await self.next_servers()
+        servers = (await self.next_servers())[: MAX_PEERS * 2]
         alive = {r.peer_id for r in servers}
         self.rtts_ms = {p: v for p, v in self.rtts_ms.items() if p in alive}  # forget servers that left
-        await asyncio.gather(*(self._probe(r) for r in servers[: MAX_PEERS * 2]))
+        addresses = {r.address for r in servers}
+        for gone in self._addresses - addresses:  # and their channels: the cache holds current peers only
+            await self._channels.discard(gone)
+        self._addresses = addresses
+        await asyncio.gather(*(self._probe(r) for r in servers))
 
     async def _probe(self, record: ServerRecord) -> None:
         t0 = time.perf_counter()

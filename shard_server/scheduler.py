@@ -4,6 +4,11 @@ Three queues, served in this order: control jobs (loading blocks, measurements),
 Forward/Backward from fine-tuning clients. Training work runs only when no inference step waits, unless its
 oldest request has waited longer than `training_max_wait_s` (so it is never starved either).
 
+Forward/Backward requests wait in a queue bounded twice: by count (`max_queued`) and by the bytes of their
+input tensors (`max_queued_bytes`); over either the request is refused with Overloaded (one request is always
+let into an empty queue, so a large one still runs). Inference steps need no such bound: each session has at
+most one step here (its stream waits for the result), and sessions are bounded by the cache budget.
+
 Batching is decided here, once, by one rule: the inference steps waiting when the worker becomes free are taken
 in arrival order, every step over the same blocks joins the first one's batch while the batch stays within
 `max_batch_tokens` rows (batch x new tokens), and the batch runs as one `BlockBackend.step`. Decode steps,
@@ -42,6 +47,7 @@ class _Job:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
+    nbytes: int = 0  # input tensor bytes held while queued (Forward/Backward)
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
@@ -78,10 +84,13 @@ class Scheduler:
         max_queued: int = 64,
         training_max_wait_s: float = 1.0,
         on_batch: BatchHook | None = None,
+        max_queued_bytes: int = 256 << 20,
     ) -> None:
         self.max_batch_tokens = max_batch_tokens
         self.batching = batching
         self.max_queued = max_queued  # Forward/Backward requests waiting; each holds its input in memory
+        self.max_queued_bytes = max_queued_bytes  # ...and the bytes of those inputs
+        self.training_bytes = 0  # input bytes of the queued Forward/Backward requests (changed under _cond)
         self.training_max_wait_s = training_max_wait_s
         self.on_batch = on_batch
         self._control: deque[_Job] = deque()
@@ -106,15 +115,27 @@ class Scheduler:
         self._put(self._control, job)
         return await job.future  # type: ignore[no-any-return]
 
-    async def run_training(self, fn: Callable[..., T], *args: Any) -> T:
-        """A Forward/Backward: lower priority than inference steps; refused when too many already wait."""
-        if len(self._training) >= self.max_queued:
-            raise Overloaded(
-                f"server overloaded: {len(self._training)} Forward/Backward requests are queued (limit "
-                f"{self.max_queued}); retry later or use another server"
-            )
-        job = _Job(fn, args, asyncio.get_running_loop().create_future())
-        self._put(self._training, job)
+    async def run_training(self, fn: Callable[..., T], *args: Any, nbytes: int = 0) -> T:
+        """A Forward/Backward holding `nbytes` of input: lower priority than inference steps; refused when too
+        many requests or bytes already wait."""
+        job = _Job(fn, args, asyncio.get_running_loop().create_future(), nbytes)
+        with self._cond:
+            if len(self._training) >= self.max_queued:
+                raise Overloaded(
+                    f"server overloaded: {len(self._training)} Forward/Backward requests are queued (limit "
+                    f"{self.max_queued}); retry later or use another server"
+                )
+            if self._training and self.training_bytes + nbytes > self.max_queued_bytes:
+                raise Overloaded(
+                    f"server overloaded: {self.training_bytes} bytes of Forward/Backward input are queued and this "
+                    f"request adds {nbytes} (limit {self.max_queued_bytes}); retry later or use another server"
+                )
+            self.training_bytes += nbytes
+            try:
+                self._put(self._training, job)
+            except BaseException:
+                self.training_bytes -= nbytes
+                raise
         return await job.future  # type: ignore[no-any-return]
 
     def submit(self, backend: BlockBackend, item: StepItem) -> PendingStep:
@@ -124,16 +145,29 @@ class Scheduler:
         return step
 
     def close(self) -> None:
-        """Fail everything still queued and let the worker exit after its current item."""
+        """Fail everything still queued and let the worker exit after its current item (see `join`)."""
         with self._cond:
             self._closed = True
             pending: list[_Job | PendingStep] = [*self._control, *self._steps, *self._training]
             self._control.clear()
             self._steps.clear()
             self._training.clear()
+            self.training_bytes = 0
             self._cond.notify()
         for item in pending:
             _deliver(item.future, ServerDraining("server stopped before this request ran"), failed=True)
+
+    async def join(self, timeout_s: float) -> bool:
+        """After `close`: wait (off the event loop) for the worker to finish its current item; True if it
+        exited. A process must not end while the worker runs torch code: at interpreter exit such a thread
+        is killed as it retakes the GIL, inside a C++ destructor, and the process aborts (SIGABRT, "terminate
+        called without an active exception")."""
+        await asyncio.to_thread(self._thread.join, timeout_s)
+        return not self._thread.is_alive()
+
+    @property
+    def worker_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _put(self, queue: deque[Any], item: Any) -> None:
         with self._cond:
@@ -164,7 +198,9 @@ class Scheduler:
         if self._training and (
             not self._steps or time.monotonic() - self._training[0].enqueued_at > self.training_max_wait_s
         ):
-            return self._training.popleft()
+            job = self._training.popleft()
+            self.training_bytes -= job.nbytes
+            return job
         if not self.batching:
             return [self._steps.popleft()]
         self._gather_window()

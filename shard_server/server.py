@@ -10,7 +10,11 @@ move_to(): health NOT_SERVING → refuse new sessions → announce DRAINING → 
           that fails) → announce ONLINE → health SERVING (see rebalancer.py for when).
 stop():   health NOT_SERVING → refuse new sessions, stop the background loops → announce OFFLINE while running
           sessions drain (bounded) → stop gRPC (cancels what is left) → close the DHT client, peer channels and
-          /metrics → stop the worker.
+          /metrics → stop the worker and wait for it to finish its current step (a process must not exit
+          while torch runs on it).
+
+Security (`config.security`, swarm.net) covers the gRPC port (swarm-key proofs, TLS) and every call the
+server makes itself: the DHT client, pushes and RTT probes.
 """
 
 from __future__ import annotations
@@ -35,23 +39,27 @@ from shard_server.config import ShardServerConfig
 from shard_server.frontend import GrpcFront
 from shard_server.loader import ModelInfo, inspect_model, load_span
 from shard_server.memory import rss_bytes
+from shard_server.next_hops import NextHops
 from shard_server.peer_rtt import PeerRtts
 from shard_server.rebalancer import Rebalancer, fetch_records
 from shard_server.scheduler import Scheduler
 from shard_server.servicer import ShardServicer
 from shard_server.throughput import Throughput
 from shard_server.tuning import TuningLimits
+from swarm.access import CallLimits
 from swarm.aio import TaskSet, install_signal_handlers, write_ready_file
 from swarm.blocks import BlockRange
 from swarm.dht_client import DhtClient
 from swarm.errors import PollenError
 from swarm.identity import Identity
 from swarm.model_files import config_fingerprint, default_model_id
-from swarm.net import format_address, parse_addresses
+from swarm.net import PLAINTEXT, format_address, parse_addresses
 from swarm.records import ModelRecord, ServerRecord, ServerState
 from swarm.tensors import dtype_from_name
 
 log = logging.getLogger(__name__)
+
+WORKER_JOIN_S = 30.0  # longest wait at stop for the step the worker is running (a long prefill on a slow CPU)
 
 
 class ShardServer:
@@ -71,7 +79,10 @@ class ShardServer:
         self.cache = SessionCache(max_sessions=cfg.max_sessions, alloc_timeout_s=cfg.alloc_timeout_s)
         # All torch work runs on the scheduler's one worker thread: the event loop never blocks on compute and
         # the model needs no locks.
-        self.scheduler = Scheduler(cfg.max_batch_size, cfg.batching != "off", cfg.max_queued_requests)
+        self.scheduler = Scheduler(
+            cfg.max_batch_size, cfg.batching != "off", cfg.max_queued_requests, max_queued_bytes=cfg.max_queued_bytes
+        )
+        self.security = cfg.security or PLAINTEXT
         self.metrics: Any = None  # metrics.ServerMetrics with --metrics-port (imported only then)
         self.servicer: ShardServicer | None = None  # exists from start(); its backend once blocks are loaded
         self._tasks = TaskSet()
@@ -123,18 +134,24 @@ class ShardServer:
             read_config(spec.path)  # a missing folder or an unsupported feature fails before any port is bound
         try:
             if peers:
-                self._dht = DhtClient(peers)
+                self._dht = DhtClient(peers, security=self.security)
             else:
                 log.warning("no --initial-peers: running standalone, this server is NOT announced to any DHT")
             blocks = self.blocks = await self._choose_blocks(info, device)
             servicer = self.servicer = ShardServicer(
                 self.model_id, blocks, self.cache, self.scheduler, self.live_record, cfg.inference_max_length,
                 cfg.max_batch_size, cfg.max_message_bytes, max_backward_tokens=cfg.max_backward_tokens,
+                security=self.security, next_hops=NextHops(self._dht, self.model_id, self._model_hash),
+                max_inbox_bytes=cfg.max_inbox_bytes, max_streams_per_ip=cfg.max_streams_per_ip,
             )  # fmt: skip
-            front = self._front = GrpcFront(servicer, cfg.host, cfg.port, cfg.max_message_bytes)
+            front = self._front = GrpcFront(
+                servicer, cfg.host, cfg.port, cfg.max_message_bytes, security=self.security,
+                limits=CallLimits(cfg.calls_per_ip_s, cfg.max_calls_in_flight_per_ip),
+                max_receive_bytes=cfg.max_receive_bytes,
+            )  # fmt: skip
             await front.start()
             self.port = front.port
-            log.info("gRPC listening on %s (loading blocks)", self.address)
+            log.info("gRPC listening on %s (%s; loading blocks)", self.address, self.security.describe())
             if cfg.metrics_port is not None:
                 await self._start_metrics(cfg.metrics_port)
             rss_before = rss_bytes()
@@ -155,7 +172,7 @@ class ShardServer:
             self._start_announce_loop()
             self._tasks.spawn(self._run_idle_loop(), name="idle-session-loop")
             if self._dht is not None:
-                self._peer_rtts = PeerRtts(self._dht, self.model_id, blocks, self.peer_id)
+                self._peer_rtts = PeerRtts(self._dht, self.model_id, blocks, self.peer_id, security=self.security)
                 self._tasks.spawn(self._peer_rtts.run(cfg.announce_every_s), name="peer-rtt-loop")
                 if cfg.blocks is None and cfg.balance_period_s > 0:
                     rebalancer = Rebalancer(
@@ -352,9 +369,12 @@ class ShardServer:
             await self._peer_rtts.close()
         if self.servicer is not None:
             await self.servicer.pusher.close()
+            await self.servicer.next_hops.close()
         if self._metrics_http is not None:
             await self._metrics_http.stop()
         self.scheduler.close()
+        if not await self.scheduler.join(WORKER_JOIN_S):
+            log.warning("the worker is still running a step after %.0f s; exiting anyway", WORKER_JOIN_S)
         log.info("stopped (peer %s)", self.peer_id)
 
     async def _announce_offline(self, was_online: bool) -> None:

@@ -83,9 +83,15 @@ def check_backward_tokens(hidden: torch.Tensor, max_backward_tokens: int) -> Non
         )
 
 
+PUSH_TOKEN_BYTES = (16, 64)  # a push token is a random secret: long enough not to be guessed, short to compare
+
+
 def check_open(msg: shard_pb2.InferenceOpen, inference_max_length: int) -> None:
     if msg.max_length == 0:
         raise InvalidRequest("open.max_length must be at least 1")
+    low, high = PUSH_TOKEN_BYTES
+    if msg.push_token and not low <= len(msg.push_token) <= high:
+        raise InvalidRequest(f"open.push_token must be {low}-{high} random bytes, got {len(msg.push_token)}")
     if msg.max_length > inference_max_length:
         raise CacheExhausted(
             f"max_length {msg.max_length} is over this server's inference_max_length {inference_max_length}"

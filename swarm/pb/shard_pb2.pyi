@@ -120,20 +120,22 @@ class BackwardResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., grad_input: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., grad_prompts: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., grad_lora: _Optional[_Iterable[_Union[LoraTensors, _Mapping]]] = ...) -> None: ...
 
 class InferenceOpen(_message.Message):
-    __slots__ = ("model_id", "blocks", "max_length", "session_id", "batch_size", "tuning")
+    __slots__ = ("model_id", "blocks", "max_length", "session_id", "batch_size", "tuning", "push_token")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     TUNING_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     blocks: _common_pb2.BlockRange
     max_length: int
     session_id: str
     batch_size: int
     tuning: Tuning
-    def __init__(self, model_id: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.BlockRange, _Mapping]] = ..., max_length: _Optional[int] = ..., session_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., tuning: _Optional[_Union[Tuning, _Mapping]] = ...) -> None: ...
+    push_token: bytes
+    def __init__(self, model_id: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.BlockRange, _Mapping]] = ..., max_length: _Optional[int] = ..., session_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., tuning: _Optional[_Union[Tuning, _Mapping]] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class InferenceStepInput(_message.Message):
     __slots__ = ("step_id", "position", "hidden", "attention_mask", "hypo_ids", "next_servers", "prompts")
@@ -154,20 +156,24 @@ class InferenceStepInput(_message.Message):
     def __init__(self, step_id: _Optional[str] = ..., position: _Optional[int] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., hypo_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., next_servers: _Optional[_Iterable[_Union[NextHop, _Mapping]]] = ..., prompts: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class NextHop(_message.Message):
-    __slots__ = ("address", "session_id")
+    __slots__ = ("address", "session_id", "push_token")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     address: str
     session_id: str
-    def __init__(self, address: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    push_token: bytes
+    def __init__(self, address: _Optional[str] = ..., session_id: _Optional[str] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("session_id", "step")
+    __slots__ = ("session_id", "step", "push_token")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: InferenceStepInput
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[_Union[InferenceStepInput, _Mapping]] = ...) -> None: ...
+    push_token: bytes
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[_Union[InferenceStepInput, _Mapping]] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class PushResponse(_message.Message):
     __slots__ = ()

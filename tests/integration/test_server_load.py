@@ -179,9 +179,10 @@ async def test_idle_session_is_closed(tiny_llama: Path) -> None:
         assert "idle for more than 0 s" in (await s.call.details())
 
 
-async def http_get(port: int, path: str) -> tuple[int, str]:
+async def http_get(port: int, path: str, headers: int = 1) -> tuple[int, str]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = "".join(f"X-{i}: y\r\n" for i in range(headers - 1))
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode())
     data = await asyncio.wait_for(reader.read(), WAIT_TIMEOUT_S)
     writer.close()
     head, _, body = data.decode().partition("\r\n\r\n")
@@ -201,7 +202,11 @@ async def test_metrics_health_and_info(stub: shard_pb2_grpc.ShardStub, server: S
                  "pollen_batch_sessions_bucket", 'pollen_rpcs_total{code="RESOURCE_EXHAUSTED",rpc="InferenceStep"}',
                  "pollen_rss_bytes"):  # fmt: skip
         assert name in body, name
-    assert (await http_get(server.metrics_port, "/other"))[0] == 404
+    # prometheus_client's server parses requests with the standard library's limits: a request with too many
+    # headers or an over-long line is refused (the hand-written server before it read any number of them)
+    assert (await http_get(server.metrics_port, "/metrics", headers=500))[0] == 431
+    assert (await http_get(server.metrics_port, "/" + "m" * 70_000))[0] == 414
+    assert (await http_get(server.metrics_port, "/metrics"))[0] == 200
     info = await stub.Info(shard_pb2.InfoRequest())
     record = ServerRecord.decode(info.record_json)
     assert record is not None and (record.start, record.end, record.dtype) == (0, 4, "float32")
