@@ -9,7 +9,8 @@ and how long `from client_sdk import SwarmClient` takes.
   safetensors headers), when ready and after one 64-token generation through it ("after decode": weights
   mapped from the file count in RSS only once touched; "file-backed" is the RssFile part of RSS then).
 - `python -c "import torch"` and `python -c "from client_sdk import SwarmClient"`: wall time (medians), and
-  the RSS of a process that only imported torch.
+  the RSS of a process that only imported torch; also `import torch` with the cyclic GC paused, as the
+  shard-server does while it imports.
 All kinds of measurement are interleaved round by round, so a load change on the shared machine hits all.
 
 Usage: python bench/bench_start.py [--models small,models/smollm2-135m] [--repeats 5] [--quick]
@@ -48,6 +49,7 @@ from bench.common import (  # noqa: E402
 )
 
 TORCH = "import torch"
+TORCH_NO_GC = "import gc; gc.disable(); import torch"  # as shard-server imports (its cli.py pauses the collector)
 CLIENT = "from client_sdk import SwarmClient"
 # VmRSS, not ru_maxrss: the latter survives exec, so a child would report this (big) process's peak
 RSS = "print(int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) * 1024)"
@@ -95,6 +97,7 @@ def main() -> None:
     models = [resolve_model(name, Path(scratch.name)) for name in args.models.split(",")]
 
     torch_s: list[float] = []
+    torch_no_gc_s: list[float] = []
     client_s: list[float] = []
     starts: dict[Path, list[float]] = {m: [] for m in models}
     ready: dict[Path, list[int]] = {m: [] for m in models}  # VmRSS when ready
@@ -107,6 +110,7 @@ def main() -> None:
             procs.stop(proc)
         for round_ in tqdm(range(args.repeats), desc="rounds", leave=False):
             torch_s.append(python_c(TORCH, env)[0])
+            torch_no_gc_s.append(python_c(TORCH_NO_GC, env)[0])
             client_s.append(python_c(CLIENT, env)[0])
             for model in models:
                 seconds, proc = start_server(procs, model, dht, f"warm-{model.name}-{round_}")
@@ -153,6 +157,11 @@ def main() -> None:
                     f'`python -c "{TORCH}"`',
                     f"{t_torch:.2f} ({min(torch_s):.2f}-{max(torch_s):.2f})",
                     f"{torch_rss / MIB:.0f} (bare python: {python_rss / MIB:.0f})",
+                ],
+                [
+                    f'`python -c "{TORCH_NO_GC}"`',
+                    f"{median(torch_no_gc_s):.2f} ({min(torch_no_gc_s):.2f}-{max(torch_no_gc_s):.2f})",
+                    "",
                 ],
                 [
                     f'`python -c "{CLIENT}"`',
