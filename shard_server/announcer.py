@@ -98,6 +98,17 @@ class Announcer:
         expiration = max(self.last_expiration + 1.0, time.time() + 1.0)
         return await self.announce(ServerState.OFFLINE, expiration)
 
+    async def leave(self, timeout_s: float = 3.0) -> None:
+        """OFFLINE at shutdown, waiting at most `timeout_s` (the ONLINE record expires by itself anyway)."""
+        if self.dht is None:
+            return
+        try:
+            stored = await asyncio.wait_for(self.announce_offline(), timeout_s)
+        except TimeoutError:
+            stored = False
+        if not stored:
+            log.warning("OFFLINE announcement not stored; the ONLINE record expires by itself within the ttl")
+
     async def run(self, state: Callable[[], ServerState]) -> None:
         """Refresh the record every period; a failed refresh is retried at the next tick (ttl > 2 periods)."""
         while True:

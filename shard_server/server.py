@@ -50,7 +50,6 @@ from swarm.access import CallLimits
 from swarm.aio import TaskSet, install_signal_handlers, write_ready_file
 from swarm.blocks import BlockRange
 from swarm.dht_client import DhtClient
-from swarm.errors import PollenError
 from swarm.identity import Identity
 from swarm.model_files import config_fingerprint, default_model_id
 from swarm.net import PLAINTEXT, format_address, parse_addresses
@@ -236,7 +235,7 @@ class ShardServer:
     async def _measure(self, backend: BlockBackend) -> None:
         """The throughput to announce; decides batching."""
         cfg = self.config
-        mbps = cfg.network_mbps or await self._measure_network()
+        mbps = cfg.network_mbps or await startup.measure_network(self._dht)
         tp = await startup.measure_throughput(cfg, backend, self._model_hash, mbps, self.scheduler.run)
         self.throughput = tp
         self.throughput_tps = tp.announced_tps if cfg.throughput_tps is None else cfg.throughput_tps
@@ -244,18 +243,6 @@ class ShardServer:
         self.scheduler.batching = cfg.batching == "on" or (cfg.batching == "auto" and tp.batch_speedup > 1.1)
         log.info("announcing %.1f tokens/s; cross-session batching %s", self.throughput_tps,
                  "on" if self.scheduler.batching else "off")  # fmt: skip
-
-    async def _measure_network(self) -> float | None:
-        """Mbit/s to our dht-node (the swarm's entry point), or None (the 100 Mbit/s default) without one."""
-        if self._dht is None:
-            return None
-        try:
-            mbps = await self._dht.measure_mbps()
-        except PollenError as e:
-            log.warning("network speed test failed (%s); announcing the default link speed", e)
-            return None
-        log.info("network speed to the DHT: %.0f Mbit/s", mbps)
-        return mbps
 
     async def _start_metrics(self, port: int) -> None:
         from shard_server.metrics import MetricsEndpoint, ServerMetrics, register_gauges
@@ -359,7 +346,8 @@ class ShardServer:
         drain_s = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         was_online = self.state == ServerState.ONLINE
         self.state = ServerState.DRAINING
-        await asyncio.gather(self._announce_offline(was_online), self._drain(drain_s))
+        leaving = self._announcer.leave() if self._announcer is not None and was_online else asyncio.sleep(0)
+        await asyncio.gather(leaving, self._drain(drain_s))
         self.state = ServerState.OFFLINE
         if self._front is not None:
             await self._front.stop()
@@ -376,16 +364,6 @@ class ShardServer:
         if not await self.scheduler.join(WORKER_JOIN_S):
             log.warning("the worker is still running a step after %.0f s; exiting anyway", WORKER_JOIN_S)
         log.info("stopped (peer %s)", self.peer_id)
-
-    async def _announce_offline(self, was_online: bool) -> None:
-        if self._announcer is None or self._dht is None or not was_online:
-            return
-        try:
-            stored = await asyncio.wait_for(self._announcer.announce_offline(), timeout=3.0)
-        except TimeoutError:
-            stored = False
-        if not stored:
-            log.warning("OFFLINE announcement not stored; the ONLINE record expires by itself within the ttl")
 
     async def _drain(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

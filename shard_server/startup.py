@@ -1,5 +1,5 @@
 """The start-up steps of a shard server that are not about its lifecycle: which device, how many blocks fit,
-the KV budget, the throughput to announce (cached or measured) and what memory the blocks took. Each is a
+the KV budget, the link speed and throughput to announce (cached or measured) and what memory the blocks took. Each is a
 function of explicit inputs; `ShardServer.start` (server.py) calls them in order.
 """
 
@@ -17,6 +17,8 @@ from shard_server import memory, throughput
 from shard_server.backend import BlockBackend
 from shard_server.config import ShardServerConfig
 from shard_server.loader import ModelInfo
+from swarm.dht_client import DhtClient
+from swarm.errors import PollenError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -115,6 +117,19 @@ async def measure_throughput(
         log.info("measured: %.1f tokens/s inference, %.0f tokens/s forward, batched steps x%.2f (cached in %s)",
                  tp.inference_tps, tp.forward_tps, tp.batch_speedup, path)  # fmt: skip
     return throughput.Throughput(tp.inference_tps, tp.forward_tps, tp.batch_speedup, network)
+
+
+async def measure_network(dht: DhtClient | None) -> float | None:
+    """Mbit/s to our dht-node (the swarm's entry point), or None (the 100 Mbit/s default) without one."""
+    if dht is None:
+        return None
+    try:
+        mbps = await dht.measure_mbps()
+    except PollenError as e:
+        log.warning("network speed test failed (%s); announcing the default link speed", e)
+        return None
+    log.info("network speed to the DHT: %.0f Mbit/s", mbps)
+    return mbps
 
 
 def memory_report(backend: BlockBackend, rss_before: int) -> dict[str, int]:
