@@ -6,9 +6,11 @@ sessions), with blocks starting exactly where the pushing session's blocks end: 
 chain can continue. Records are verified by `swarm.records.decode_server_records` (signed by the peer they
 name), so whoever answers the lookup cannot add an address either.
 
-Lookups are cached per first block: the hot path (one push per token) costs a dict lookup. An address not in
-the cache refetches at most once per MIN_REFETCH_S per block (a server that just joined is found within a
-second; a client naming bogus addresses cannot turn this server into a DHT flooder).
+Lookups are cached per first block: the hot path (one push per token) costs a dict lookup, and a cache older
+than REFRESH_S is refreshed in the background (a server that left is dropped within that time, or when its
+record expires). An address not in the cache refetches at most once per MIN_REFETCH_S per block, and that push
+waits for the answer (a server that just joined is found within a second; a client naming bogus addresses
+cannot turn this server into a DHT flooder).
 """
 
 from __future__ import annotations
@@ -50,16 +52,23 @@ class NextHops:
             return "this server is standalone (no DHT) and cannot verify next servers, so it does not push"
         known = self._known.get(first_block, _Known())
         age = time.monotonic() - known.fetched_at
-        if age > REFRESH_S or (address not in known.addresses and age > MIN_REFETCH_S):
+        if self._vouched(known, address):
+            if age > REFRESH_S:
+                self._start_lookup(first_block)  # refreshed in the background: the hot path never waits for it
+            return None
+        if age > MIN_REFETCH_S:  # maybe a server that just joined: look once, and wait for the answer
             await asyncio.shield(self._start_lookup(first_block))  # a cancelled push leaves the lookup running
-            known = self._known.get(first_block, known)
+            if self._vouched(self._known.get(first_block, known), address):
+                return None
+        return (
+            f"no signed record announces {address} serving {self.model_id} from block {first_block} (the end of "
+            f"this session's blocks); this server pushes only to the swarm's next servers"
+        )
+
+    @staticmethod
+    def _vouched(known: _Known, address: str) -> bool:
         expiration = known.addresses.get(address)
-        if expiration is None or expiration < time.time():
-            return (
-                f"no signed record announces {address} serving {self.model_id} from block {first_block} (the "
-                f"end of this session's blocks); this server pushes only to the swarm's next servers"
-            )
-        return None
+        return expiration is not None and expiration >= time.time()
 
     def prefetch(self, first_block: int) -> None:
         """Start the lookup for a session that just opened, so its first push does not wait for it."""
