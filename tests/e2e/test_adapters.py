@@ -150,8 +150,12 @@ class Chain:
         x = torch.tensor([prompt])
         out: list[int] = []
         for _ in range(new_tokens):
+            # Never hold inference_mode across an await: grad mode is per thread, and the other chains' coroutines
+            # entering and leaving it in between would leave it switched on for the rest of the test session.
             with torch.inference_mode():
-                hidden = await self.step(self.swarm.head.embed(x))
+                embedded = self.swarm.head.embed(x)
+            hidden = await self.step(embedded)
+            with torch.inference_mode():
                 x = self.swarm.head.logits(hidden)[:, -1:].argmax(-1)
             out.append(int(x))
         return out
