@@ -32,27 +32,10 @@ HIDDEN = 64
 
 
 def channel(address: str, security: Any) -> Any:
-    """swarm.net.open_channel's channel, with the swarm-key proof on streaming calls too (open_channel signs only
-    unary calls until swarm.auth splits its interceptor per kind; see tests/integration/test_trust_server_keys.py)."""
-    import grpc
+    """swarm.net.open_channel's channel (TLS and swarm-key proofs on every kind of call)."""
+    from swarm.net import open_channel
 
-    from swarm.auth import AuthClientInterceptor
-    from swarm.net import channel_options
-
-    interceptors = None
-    if security.swarm_key is not None:
-
-        class StreamAuth(grpc.aio.StreamStreamClientInterceptor):
-            inner = AuthClientInterceptor(security.swarm_key)
-
-            async def intercept_stream_stream(self, continuation: Any, details: Any, it: Any) -> Any:
-                return await self.inner.intercept_stream_stream(continuation, details, it)
-
-        interceptors = [AuthClientInterceptor(security.swarm_key), StreamAuth()]
-    if security.tls is None:
-        return grpc.aio.insecure_channel(address, options=channel_options(), interceptors=interceptors)
-    creds = security.tls.channel_credentials()
-    return grpc.aio.secure_channel(address, creds, options=channel_options(), interceptors=interceptors)
+    return open_channel(address, security=security)
 
 
 async def decode_ms_per_token(address: str, security: Any, tokens: int) -> float:

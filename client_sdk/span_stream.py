@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +81,9 @@ class SpanStream:
     history: list[StepInput] = field(default_factory=list)
     error: SpanError | None = None  # set when the stream broke outside a step's critical path
     push_failed: str = ""  # step_id of the last push_failed notice from this server
+    # The secret a previous server must show to push into this session (sent at open and in the hop to this
+    # server): without it, anyone who learns the session id could inject steps.
+    push_token: bytes = field(default_factory=lambda: os.urandom(16), repr=False)
     _pending: asyncio.Task[Any] | None = None
 
     @classmethod
@@ -105,6 +109,7 @@ class SpanStream:
                     session_id=session_id,
                     batch_size=batch,
                     tuning=tuning,
+                    push_token=stream.push_token,
                 )
             )
             await stream.write(request)
@@ -117,7 +122,7 @@ class SpanStream:
         return stream
 
     def hop(self) -> shard_pb2.NextHop:
-        return shard_pb2.NextHop(address=self.span.address, session_id=self.session_id)
+        return shard_pb2.NextHop(address=self.span.address, session_id=self.session_id, push_token=self.push_token)
 
     async def write(self, request: shard_pb2.InferenceRequest) -> None:
         try:

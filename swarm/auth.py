@@ -4,7 +4,7 @@ A private swarm shares one secret file (`--swarm-key FILE` or `POLLEN_SWARM_KEY=
 hex or raw). The secret itself never travels: each use derives its own key (HKDF), so the gRPC proofs and the
 DHT datagram MACs (dht_node/datagram.py) can never be confused with each other.
 
-gRPC: `AuthClientInterceptor` adds to every call the metadata `pollen-auth: v1.<ms>.<nonce>.<mac>`, an HMAC over
+gRPC: `auth_client_interceptors` add to every call the metadata `pollen-auth: v1.<ms>.<nonce>.<mac>`, an HMAC over
 (method, timestamp, nonce). `CallVerifier` checks it on the server: a valid, fresh, never-seen proof (nonces
 are remembered for the freshness window, in a bounded cache). swarm.access.AccessInterceptor answers
 UNAUTHENTICATED to a call without one (the gRPC health service stays open so that orchestrators can probe a
@@ -221,16 +221,11 @@ class CallVerifier:
         return None
 
 
-class AuthClientInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds a fresh proof of the swarm key to every call of the channel it is installed on."""
+class _ProofAdder:
+    """Adds a fresh proof of the swarm key to a call's metadata."""
 
-    def __init__(self, key: SwarmKey) -> None:
-        self.signer = CallSigner(key)
+    def __init__(self, signer: CallSigner) -> None:
+        self.signer = signer
 
     def _with_proof(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
@@ -238,17 +233,33 @@ class AuthClientInterceptor(
         metadata.add(AUTH_METADATA, self.signer.proof(method))
         return details._replace(metadata=metadata)
 
+
+# grpc.aio files each interceptor under the FIRST call kind it subclasses, so one class implementing all four
+# would only ever see unary-unary calls (streams would go out without a proof): one small class per kind.
+class _UnaryUnaryProof(_ProofAdder, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._with_proof(details), request)
 
+
+class _UnaryStreamProof(_ProofAdder, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._with_proof(details), request)
 
+
+class _StreamUnaryProof(_ProofAdder, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._with_proof(details), request_iterator)
 
+
+class _StreamStreamProof(_ProofAdder, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._with_proof(details), request_iterator)
+
+
+def auth_client_interceptors(key: SwarmKey) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that add a fresh proof of the swarm key to every call of a channel, of every kind."""
+    signer = CallSigner(key)
+    return [_UnaryUnaryProof(signer), _UnaryStreamProof(signer), _StreamUnaryProof(signer), _StreamStreamProof(signer)]
 
 
 def main(argv: list[str] | None = None) -> int:

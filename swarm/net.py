@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 
 from swarm.access import AccessInterceptor, CallLimits
-from swarm.auth import AuthClientInterceptor, SwarmKey, load_swarm_key
+from swarm.auth import SwarmKey, auth_client_interceptors, load_swarm_key
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # a long prefill of a big model is tens of MiB; the gRPC default is 4 MiB
 
@@ -175,7 +175,7 @@ def open_channel(
     says so. Bound to the running event loop; cache it per address (ChannelCache) rather than per call."""
     parse_address(address)  # a clear ValueError now rather than an opaque UNAVAILABLE later
     options = channel_options(max_message_bytes)
-    interceptors = [AuthClientInterceptor(security.swarm_key)] if security.swarm_key is not None else None
+    interceptors = auth_client_interceptors(security.swarm_key) if security.swarm_key is not None else None
     if security.tls is None:
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
     if security.tls.server_name:

@@ -44,10 +44,7 @@ SYSTEMD = DEPLOY / "systemd"
 # Flags the deploy files already pass that a program does not have yet (issue 13 is adding --swarm-key to every
 # role). Empty this as they land: the test warns about every entry on each run, and about entries the program
 # now has.
-PENDING_FLAGS: dict[str, set[str]] = {
-    "shard-server": {"--swarm-key"},
-    "pollen gateway": {"--swarm-key"},
-}
+PENDING_FLAGS: dict[str, set[str]] = {}
 
 
 # Kubernetes patches that append arguments, and the program whose container they patch

@@ -89,12 +89,6 @@ def test_client_with_another_key_is_refused(private: Private, tmp_path: Path) ->
         SwarmClient([private.dht.address], private.model, swarm_key=str(other))
 
 
-@pytest.mark.xfail(
-    reason="swarm.net.open_channel passes one AuthClientInterceptor subclassing all four interceptor types; grpc.aio "
-    "files it as unary-unary only, so stream calls (InferenceStep, Forward, push) carry no proof",
-    raises=Unauthenticated,
-    strict=False,
-)
 def test_keyed_client_reads_the_swarm_and_generates(private: Private, reference: list[int]) -> None:
     with SwarmClient([private.dht.address], private.model, swarm_key=str(private.key)) as client:
         assert client.async_client.security.swarm_key is not None
