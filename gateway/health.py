@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from client_sdk.config import ClientConfig
 from client_sdk.transport import ChannelPool
 from swarm.blocks import block_key
 from swarm.dht_client import DhtClient
@@ -157,7 +158,7 @@ async def bootstrap_states(peers: Sequence[str], timeout_s: float) -> list[str]:
     """ "online" or "unreachable" per initial peer (dht-node), in order."""
 
     async def one(address: str) -> str:
-        dht = DhtClient([address], timeout_s=timeout_s)
+        dht = DhtClient([address], timeout_s=timeout_s, security=ClientConfig().security())
         try:
             await dht.ping()
             return "online"

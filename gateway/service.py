@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from client_sdk.config import ClientConfig
 from client_sdk.transport import ChannelPool
 from gateway.config import GatewayConfig
 from gateway.conversation import Conversation, LengthExceeded
@@ -83,8 +84,10 @@ class Gateway:
         self.state_error: str | None = None
         self.state_changed = asyncio.Event()
         self._tasks = TaskSet()
-        self._dht = DhtClient(list(config.initial_peers))
-        self._pool = ChannelPool()
+        # the swarm key and TLS CA the CLI put in the environment (ClientConfig reads them), as every client here
+        security = ClientConfig().security()
+        self._dht = DhtClient(list(config.initial_peers), security=security)
+        self._pool = ChannelPool(security=security)
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 

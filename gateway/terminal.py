@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from client_sdk import AsyncSwarmClient
+from client_sdk.config import ClientConfig
 from client_sdk.tokenizer import Tokenizer
 from gateway.config import ModelSpec
 from gateway.conversation import Conversation, GenerationParams
@@ -158,7 +159,8 @@ async def show_swarm(peers: Sequence[str], specs: Sequence[ModelSpec], as_json: 
     known = {}
     for spec in specs:
         known[spec.model_id or default_model_id(spec.source)] = load_family(resolve_model_path(spec.source)).num_blocks
-    dht, pool = DhtClient(list(peers)), ChannelPool()
+    security = ClientConfig().security()  # the swarm key and TLS CA from the flags (via the environment)
+    dht, pool = DhtClient(list(peers), security=security), ChannelPool(security=security)
     try:
         state = await read_state(dht, pool, list(peers), known, include_index=not specs)
     finally:
