@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 MODEL_DIR ?= models/smollm2-135m
 
-.PHONY: install proto proto-check lint typecheck import-check test test-fast demo finetune-demo bench model clean
+.PHONY: install proto proto-check lint typecheck import-check test test-fast demo finetune-demo bench soak model clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ demo: model
 # Prompt-tunes SmolLM2 for sentiment (generated data) through a local 2-server swarm; a few minutes on CPU.
 finetune-demo: model
 	$(PY) scripts/finetune_demo.py --model $(MODEL_DIR)
+
+# The reliability suite of issue 13 (faults, fuzz, load), <= 15 minutes; `make test` runs its short version.
+soak: $(STAMP)
+	$(PY) bench/soak.py --mode long
 
 bench: model
 	$(PY) bench/bench_generate.py --model $(MODEL_DIR)
