@@ -16,7 +16,7 @@ from tests.soak.fuzz_grpc import PushVictim, builders_for, fuzz_method, seeded
 from tests.soak.fuzz_udp import UdpSeeds, fuzz_udp
 from tests.soak.messages import DhtMessages, ShardMessages, ShardTarget
 from tests.soak.mutate import Mutator
-from tests.soak.report import FuzzResult, RssSample, rss_bytes
+from tests.soak.report import MIB, FuzzResult, RssSample, rss_bytes
 from tests.soak.swarmkit import answers
 
 SHARD = shard_pb2.DESCRIPTOR.services_by_name["Shard"]
@@ -48,6 +48,7 @@ async def _fuzz_all(
                 mutator = Mutator(seeded(seed, f"mutate:{method.full_name}"), others)
                 result = await fuzz_method(channel, method, valid, mutator, cases, proc.name)
                 result.crashed = not proc.alive()
+                result.notes.append(f"RSS of {proc.name} afterwards: {rss_bytes(proc.popen.pid) / MIB:.1f} MiB")
                 results.append(result)
                 log(f"fuzz {result.target}: {result.cases} cases, {dict(result.statuses)}")
                 if result.crashed:

@@ -21,7 +21,9 @@ from tests.soak.swarmkit import FUZZ_DHT_FLAGS, NEW_TOKENS, PROMPTS, greedy_refe
 from tests.tuning_fakes import make_tiny
 
 SEED = 20_240_613
-RSS_DRIFT_LIMIT = 32 * MIB  # after the warm-up, 10,000 cases per RPC may not grow a process by more
+# After the warm-up, 10,000 cases per RPC may not grow a process by more. Transient requests of tens of MiB move a
+# server's RSS up and down by ~20 MiB (20,000 Forward cases: 294 -> 310 -> 299 -> 331 -> 318 MiB), so less is noise.
+RSS_DRIFT_LIMIT = 48 * MIB
 
 
 @dataclass(frozen=True)
