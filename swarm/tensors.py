@@ -56,17 +56,25 @@ def to_proto(tensor: torch.Tensor) -> common_pb2.Tensor:
     return common_pb2.Tensor(data=data, shape=list(t.shape), dtype=_TO_WIRE[tensor.dtype])
 
 
+MAX_DIMS = 8  # no tensor on the wire has more; bounds the work of checking a shape
+
+
 def from_proto(msg: common_pb2.Tensor, name: str = "tensor", max_elements: int = 1 << 31) -> torch.Tensor:
     """Deserialize and validate; raises InvalidRequest on anything inconsistent."""
     dtype = _FROM_WIRE.get(msg.dtype)
     if dtype is None:
         raise InvalidRequest(f"{name}: unsupported or missing dtype enum {msg.dtype}")
     shape = tuple(msg.shape)
+    if len(shape) > MAX_DIMS:
+        raise InvalidRequest(f"{name}: {len(shape)} dimensions is over the limit of {MAX_DIMS}")
     if any(d < 0 for d in shape):
         raise InvalidRequest(f"{name}: negative dimension in shape {list(shape)}")
     numel = math.prod(shape)
     if numel > max_elements:
-        raise InvalidRequest(f"{name}: {numel} elements is over the limit of {max_elements}")
+        # not the product itself: a hostile shape's product can have thousands of digits
+        raise InvalidRequest(
+            f"{name}: shape {list(shape)} has more elements than allowed: over the limit of {max_elements}"
+        )
     expected = numel * dtype.itemsize
     if len(msg.data) != expected:
         raise InvalidRequest(
