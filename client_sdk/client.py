@@ -317,7 +317,9 @@ class AsyncSwarmClient:
             router=self.router(max_length, batch),
             failover_budget_s=cfg.failover_budget_s,
             verifier=self.verifier,
-            push=cfg.use_push,
+            # With verification the client must see a span's output before the next server consumes it; a push
+            # would hand a wrong output on before it could be checked.
+            push=cfg.use_push and self.verifier is None,
             tuning=tuning,
         )
         await session.open()
