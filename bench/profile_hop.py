@@ -9,7 +9,8 @@ the project's functions by inclusive time, all in ms per generated token. The ra
 open them in https://www.speedscope.app or flamegraph.pl) stay in --out.
 
 Needs py-spy in the venv (`.venv/bin/python -m pip install py-spy`) and permission to ptrace the server
-(root, or kernel.yama.ptrace_scope=0).
+(root, or kernel.yama.ptrace_scope=0). `--perf` adds Linux perf's on-CPU samples (no runnable bias; C, C++ and
+kernel frames, no Python ones) by library and symbol; needs `perf` on PATH.
 
 Usage: python bench/profile_hop.py [--model small] [--generations 10] [--rate 500] [--native] [--quick]
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -168,6 +170,46 @@ def summarize(stacks: list[tuple[list[str], int]], rate: float, tokens: int, top
     return "\n\n".join(parts)
 
 
+def perf_tables(data: Path, tokens: int, top: int) -> str:
+    """`perf report` of on-CPU samples (cpu-clock: no runnable bias; C, C++ and kernel frames) by library
+    and by symbol, in CPU ms per generated token."""
+
+    def report(sort: str) -> tuple[float, list[tuple[float, str]]]:
+        argv = ["perf", "report", "-i", str(data), "--stdio", "--no-children", "-g", "none", "--sort", sort]
+        text = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        count = re.search(r"Event count \(approx\.\): (\d+)", text)
+        rows = []
+        for line in text.splitlines():
+            match = re.match(r"\s*([\d.]+)%\s+(.+?)\s*$", line)
+            if match:
+                rows.append((float(match.group(1)), match.group(2)))
+        return (int(count.group(1)) if count else 0) / 1e6 / tokens, rows  # cpu-clock counts ns
+
+    total, by_dso = report("dso")
+    _, by_sym = report("sym")
+
+    def rows(items: list[tuple[float, str]]) -> list[list[str]]:
+        return [[f"`{name[:100]}`", f"{pct * total / 100:.3f}", f"{pct:.1f} %"] for pct, name in items[:top]]
+
+    return "\n\n".join(
+        [
+            f"perf, on-CPU samples: {total:.3f} CPU ms/token",
+            markdown(["library (perf)", "CPU ms/token", "share"], rows(by_dso)),
+            markdown([f"top {top} symbols (perf; [k] = kernel)", "CPU ms/token", "share"], rows(by_sym)),
+        ]
+    )
+
+
+def start_perf(pid: int, data: Path) -> subprocess.Popen[bytes]:
+    argv = ["perf", "record", "-e", "cpu-clock", "-F", "1999", "-g", "-o", str(data), "-p", str(pid)]
+    recorder = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not data.exists():  # perf writes the file's header once attached
+        if recorder.poll() is not None:
+            raise SystemExit(f"perf failed: {recorder.stderr.read().decode() if recorder.stderr else ''}")
+        time.sleep(0.02)
+    return recorder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=SMALL, help="'small' (Petals' random 8-block Llama) or a model folder")
@@ -178,6 +220,7 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=10, help="generations while sampling (default: 10)")
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second (default: 500)")
     parser.add_argument("--native", action="store_true", help="also sample C/C++ frames (blocks the server)")
+    parser.add_argument("--perf", action="store_true", help="also record with Linux perf (on-CPU, native, kernel)")
     parser.add_argument("--top", type=int, default=15, help="rows of the frame tables (default: 15)")
     parser.add_argument("--out", default=None, help="folder for the raw stacks (default: a temp folder)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 generations of 16 tokens")
@@ -226,13 +269,16 @@ def main() -> None:
                 if recorder.poll() is not None:
                     raise SystemExit(f"py-spy failed:\n{log.read_text()}")
                 time.sleep(0.02)
+            perf = start_perf(pid, out / f"{name}.perf.data") if args.perf else None
             threads0, cpu0, t0 = thread_cpu_ns(pid), cpu_seconds(pid), time.perf_counter()
             tokens = 0
             for _ in range(args.generations):
                 tokens += len(client.generate(prompt, max_new_tokens=args.tokens))
             wall, cpu, threads1 = time.perf_counter() - t0, cpu_seconds(pid) - cpu0, thread_cpu_ns(pid)
-            recorder.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
-            recorder.wait(60)
+            for tool in (recorder, perf):
+                if tool is not None:
+                    tool.send_signal(signal.SIGINT)  # both write their files on Ctrl-C
+                    tool.wait(60)
     stacks = parse_raw(raw)
     if os.getloadavg()[0] > 1.5:
         print("note: the machine is busy (load average above 1.5): frames just after a wake-up are over-weighted")
@@ -256,6 +302,9 @@ def main() -> None:
     print()
     cpu_ns = {tid: ns - threads0.get(tid, 0) for tid, ns in threads1.items()}
     print(summarize(stacks, args.rate, tokens, args.top, cpu_ns))
+    if args.perf:
+        print()
+        print(perf_tables(out / f"{name}.perf.data", tokens, args.top))
     if args.out is None:
         scratch.cleanup()
 
