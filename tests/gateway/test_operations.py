@@ -22,6 +22,7 @@ from tests.gateway.conftest import (
     start_gateway,
 )
 from tests.gateway.test_petals_api import open_session, ws_url
+from tests.servers import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -96,6 +97,8 @@ async def test_metrics_health_and_access_log(gateway: GatewayProcess) -> None:
     assert f'pollen_gateway_generated_tokens_total{{model="{MODEL}"}}' in metrics
     assert f'pollen_swarm_model_healthy{{model="{MODEL}"}} 1.0' in metrics
     assert "pollen_gateway_time_to_first_token_seconds_bucket" in metrics
+    # the access log line is written after the response has gone out: wait for it rather than racing it
+    await wait_until(lambda: '"GET /metrics" 200' in gateway.log(), "the access log line of GET /metrics")
     log = gateway.log()
     assert '"POST /v1/completions" 200' in log and '"GET /metrics" 200' in log
     assert '"WS /api/v2/generate" 101' in log  # earlier tests' sockets, one line each when they closed
