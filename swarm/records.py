@@ -28,6 +28,9 @@ class ServerState(enum.StrEnum):
     JOINING = "joining"
     ONLINE = "online"
     DRAINING = "draining"
+    # Lent back to its owner for a while (`pollen server pause`): holds no weights, takes no sessions, keeps its
+    # peer id and announcements so that `resume` brings the same server back.
+    PAUSED = "paused"
     OFFLINE = "offline"
 
 
@@ -54,6 +57,12 @@ class ServerRecord(BaseModel):
     quant: str = Field(default="none", max_length=16)
     version: str = Field(default="", max_length=32)
     next_rtts_ms: dict[str, float] = Field(default_factory=dict, max_length=64)
+    reachable: bool = Field(
+        default=True, description="a dht-node could dial the server's own address (False: reached via `relay`)"
+    )
+    relay: str = Field(
+        default="", max_length=256, description="HOST:PORT of the relay peer `address` belongs to ('' = direct)"
+    )
     adapters: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=list, max_length=32, description="LoRA adapters held for these blocks, by name"
     )
