@@ -10,7 +10,6 @@ Two ways, the same numbers:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +31,7 @@ def span_gradients(
     """[d input, *d prompts per block, dA, dB per client LoRA pair in order] (zeros where a leaf is unused)."""
     segments = [seg]
     with torch.no_grad():
-        ctx = graph_safe(span.prologue(x, segments))
+        ctx = span.prologue(x, segments)
     tuning = span.tuning
     tuning.begin(x, segments)
     try:
@@ -105,17 +104,3 @@ def _block_by_block(
     found = [*(d_prompts if prompts is not None else []), *d_lora]
     return [g, *(torch.zeros_like(t) if d is None else d for d, t in zip(found, leaves, strict=True))]
 
-
-def graph_safe(ctx: Any) -> Any:
-    """The hop context with tensors made under inference mode replaced by normal copies.
-
-    Families cache tables across hops (rotary cos/sin); built during an earlier Forward or step they are
-    inference tensors, which autograd refuses to save. Copies cost [N, head_dim] per table, once per Backward.
-    """
-    if isinstance(ctx, torch.Tensor):
-        return ctx.clone() if ctx.is_inference() else ctx
-    if isinstance(ctx, list | tuple):
-        return type(ctx)(graph_safe(item) for item in ctx)
-    if dataclasses.is_dataclass(ctx) and not isinstance(ctx, type):
-        return dataclasses.replace(ctx, **{f.name: graph_safe(getattr(ctx, f.name)) for f in dataclasses.fields(ctx)})
-    return ctx

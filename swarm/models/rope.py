@@ -149,8 +149,11 @@ class Rotary:
         tables = self._tables.get(key)
         if tables is None or tables[0].shape[0] < length:
             size = max(256, 1 << (length - 1).bit_length())  # powers of two: a few regrowths per process
-            cos, sin = self.cos_sin(torch.arange(size, device=device), self.inv_freq, self.scaling)
-            tables = (cos.to(dtype), sin.to(dtype))
+            # Built outside inference mode even when a decode step asks first: a Backward later slices these
+            # tables into its graph, and autograd refuses to save inference tensors.
+            with torch.inference_mode(False), torch.no_grad():
+                cos, sin = self.cos_sin(torch.arange(size, device=device), self.inv_freq, self.scaling)
+                tables = (cos.to(dtype), sin.to(dtype))
             self._tables[key] = tables  # one assignment: readers in other threads see the old or the new pair
         return tables
 
