@@ -99,3 +99,19 @@ class SpeedTestResponse(_message.Message):
     received_bytes: int
     payload: bytes
     def __init__(self, received_bytes: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class CheckReachableRequest(_message.Message):
+    __slots__ = ("port",)
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    def __init__(self, port: _Optional[int] = ...) -> None: ...
+
+class CheckReachableResponse(_message.Message):
+    __slots__ = ("reachable", "observed_address", "error")
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    reachable: bool
+    observed_address: str
+    error: str
+    def __init__(self, reachable: _Optional[bool] = ..., observed_address: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...

@@ -59,6 +59,11 @@ class DhtStub:
                 request_serializer=swarm_dot_pb_dot_dht__pb2.SpeedTestRequest.SerializeToString,
                 response_deserializer=swarm_dot_pb_dot_dht__pb2.SpeedTestResponse.FromString,
                 _registered_method=True)
+        self.CheckReachable = channel.unary_unary(
+                '/pollen.v1.Dht/CheckReachable',
+                request_serializer=swarm_dot_pb_dot_dht__pb2.CheckReachableRequest.SerializeToString,
+                response_deserializer=swarm_dot_pb_dot_dht__pb2.CheckReachableResponse.FromString,
+                _registered_method=True)
 
 
 class DhtServicer:
@@ -97,6 +102,14 @@ class DhtServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckReachable(self, request, context):
+        """Reachability: the node dials back the caller's own IP (as it sees it) at `port` and says whether a gRPC
+        server answered there. Never any other address, so nobody can use a node to probe third parties.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DhtServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +137,11 @@ def add_DhtServicer_to_server(servicer, server):
                     servicer.SpeedTest,
                     request_deserializer=swarm_dot_pb_dot_dht__pb2.SpeedTestRequest.FromString,
                     response_serializer=swarm_dot_pb_dot_dht__pb2.SpeedTestResponse.SerializeToString,
+            ),
+            'CheckReachable': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckReachable,
+                    request_deserializer=swarm_dot_pb_dot_dht__pb2.CheckReachableRequest.FromString,
+                    response_serializer=swarm_dot_pb_dot_dht__pb2.CheckReachableResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +279,33 @@ class Dht:
             '/pollen.v1.Dht/SpeedTest',
             swarm_dot_pb_dot_dht__pb2.SpeedTestRequest.SerializeToString,
             swarm_dot_pb_dot_dht__pb2.SpeedTestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckReachable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollen.v1.Dht/CheckReachable',
+            swarm_dot_pb_dot_dht__pb2.CheckReachableRequest.SerializeToString,
+            swarm_dot_pb_dot_dht__pb2.CheckReachableResponse.FromString,
             options,
             channel_credentials,
             insecure,
