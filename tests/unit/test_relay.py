@@ -1,0 +1,188 @@
+"""swarm.relay with real sockets on 127.0.0.1: a RelayService on a gRPC server, a RelayAgent attached to it,
+an echo server standing in for the relayed server's gRPC port. Bytes through the lent port must come back
+unchanged (large transfers exercise the per-connection window), and the relay's limits must hold."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+
+from swarm.net import bind_server, create_server, format_address
+from swarm.relay import RelayAgent, RelayEndpoint, RelayLimits, RelayService
+from swarm.relay_mux import WINDOW, ByteRate
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+class Relay:
+    def __init__(self, limits: RelayLimits) -> None:
+        self.service = RelayService(limits, "127.0.0.1", "127.0.0.1")
+        self.server = create_server()
+        self.service.add_to_server(self.server)
+        self.address = format_address("127.0.0.1", bind_server(self.server, "127.0.0.1:0"))
+
+    async def __aenter__(self) -> Relay:
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.stop(0)
+        await self.service.close()
+
+
+async def _wait(condition, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[str]:
+    server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    yield format_address("127.0.0.1", server.sockets[0].getsockname()[1])
+    server.close()
+
+
+async def _roundtrip(address: str, payload: bytes) -> bytes:
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+
+    async def send() -> None:
+        writer.write(payload)
+        await writer.drain()
+
+    sender = asyncio.create_task(send())
+    got = await reader.readexactly(len(payload))
+    await sender
+    writer.close()
+    return got
+
+
+async def test_bytes_cross_the_relay_unchanged(echo: str) -> None:
+    async with Relay(RelayLimits(max_bytes_per_s=0)) as relay:
+        agent = RelayAgent(echo, lambda: _const([relay.address]), peer_id="p1")
+        endpoint = await agent.attach()
+        assert endpoint is not None and endpoint.relay == relay.address
+        runner = asyncio.create_task(agent.run())
+        try:
+            # 4 MiB each way on 3 connections at once: many windows' worth, interleaved on one stream
+            payloads = [os.urandom(8 * WINDOW) for _ in range(3)]
+            results = await asyncio.gather(*(_roundtrip(endpoint.address, p) for p in payloads))
+            assert [hashlib.sha256(r).hexdigest() for r in results] == [hashlib.sha256(p).hexdigest() for p in payloads]
+            mux = relay.service.attached[endpoint.address]
+            await _wait(lambda: not mux.conns)  # closed connections leave no state behind
+            assert mux.bytes_in == mux.bytes_out == sum(len(p) for p in payloads)
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_connections_over_the_limit_are_closed(echo: str) -> None:
+    async with Relay(RelayLimits(max_connections=2, max_bytes_per_s=0)) as relay:
+        agent = RelayAgent(echo, lambda: _const([relay.address]))
+        endpoint = await agent.attach()
+        assert endpoint is not None
+        runner = asyncio.create_task(agent.run())
+        host, _, port = endpoint.address.rpartition(":")
+        try:
+            held = [await asyncio.open_connection(host, int(port)) for _ in range(2)]
+            mux = relay.service.attached[endpoint.address]
+            await _wait(lambda: len(mux.conns) == 2)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            assert await reader.read(10) == b""  # the third is closed at once
+            writer.close()
+            for r, w in held:  # the first two still work
+                w.write(b"ping")
+                assert await r.readexactly(4) == b"ping"
+                w.close()
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_servers_over_the_limit_try_the_next_relay(echo: str) -> None:
+    async with Relay(RelayLimits(max_servers=1)) as full, Relay(RelayLimits()) as spare:
+        first = RelayAgent(echo, lambda: _const([full.address]))
+        assert await first.attach() is not None
+        second = RelayAgent(echo, lambda: _const([full.address, spare.address]))
+        endpoint = await second.attach()
+        assert endpoint is not None and endpoint.relay == spare.address
+        await first.close()
+        await second.close()
+
+
+async def test_a_broken_stream_attaches_again_and_reports_the_new_endpoint(echo: str) -> None:
+    changes: list[RelayEndpoint] = []
+
+    async def on_change(endpoint: RelayEndpoint) -> None:
+        changes.append(endpoint)
+
+    async with Relay(RelayLimits()) as second:
+        first = Relay(RelayLimits())
+        await first.__aenter__()
+        agent = RelayAgent(echo, lambda: _const([first.address, second.address]), on_change=on_change)
+        endpoint = await agent.attach()
+        assert endpoint is not None and endpoint.relay == first.address
+        runner = asyncio.create_task(agent.run())
+        try:
+            await first.__aexit__()  # the relay goes away: its stream breaks
+            await _wait(lambda: bool(changes))
+            assert changes[0].relay == second.address
+            assert await _roundtrip(changes[0].address, b"hello") == b"hello"
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_a_peer_without_the_relay_service_is_skipped(echo: str) -> None:
+    server = create_server()  # no Relay service: UNIMPLEMENTED
+    address = format_address("127.0.0.1", bind_server(server, "127.0.0.1:0"))
+    await server.start()
+    try:
+        agent = RelayAgent(echo, lambda: _const([address]))
+        assert await agent.attach() is None
+    finally:
+        await server.stop(0)
+
+
+async def test_byte_rate_waits_for_the_cost_of_what_passed(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    rate = ByteRate(1000)
+    await rate.spend(1000)  # the burst: free
+    assert not slept
+    await rate.spend(500)  # half a second's worth over the burst
+    assert slept and 0.4 < slept[0] <= 0.5
+
+
+def test_relay_ports_parse() -> None:
+    assert RelayLimits.parse_ports("0") is None
+    assert RelayLimits.parse_ports("40000-40009") == (40000, 40009)
+    assert RelayLimits.parse_ports("40000") == (40000, 40000)
+    with pytest.raises(ValueError, match="relay-ports"):
+        RelayLimits.parse_ports("a-b")
+    with pytest.raises(ValueError):
+        RelayLimits(ports=(5, 4))
+
+
+async def _const(items: list[str]) -> list[str]:
+    return items
