@@ -37,9 +37,10 @@ from dht_node.storage import Record, RecordStorage, merge_into
 from dht_node.validation import RecordValidator
 from swarm.access import CallLimits
 from swarm.aio import TaskSet
+from swarm.handlers import add_servicer
 from swarm.identity import Identity
 from swarm.net import bind_server, create_server, format_address, parse_address
-from swarm.pb import dht_pb2, dht_pb2_grpc
+from swarm.pb import dht_pb2
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class DhtNode:
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
         servicer = DhtServicer(self, self.storage.limits, self.validator, self.storage.clock)
-        dht_pb2_grpc.add_DhtServicer_to_server(servicer, server)
+        add_servicer(server, servicer, dht_pb2.DESCRIPTOR.services_by_name["Dht"])  # undecodable: INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([DHT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         return server

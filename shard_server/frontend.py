@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from shard_server.startup import ConfigError
 from swarm.access import CallLimits
+from swarm.handlers import add_servicer
 from swarm.net import PLAINTEXT, Security, bind_server, create_server, format_address
 from swarm.pb import shard_pb2, shard_pb2_grpc
 
@@ -41,7 +42,8 @@ class GrpcFront:
         self._server = create_server(
             max_message_bytes, security=security, limits=limits, max_receive_bytes=max_receive_bytes
         )
-        shard_pb2_grpc.add_ShardServicer_to_server(servicer, self._server)
+        # not the generated add_ShardServicer_to_server: undecodable requests get INVALID_ARGUMENT (swarm.handlers)
+        add_servicer(self._server, servicer, shard_pb2.DESCRIPTOR.services_by_name["Shard"])
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection((SHARD_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server)
         bind = format_address(host, port)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,12 @@ class SessionNotFound(PollenError):
 
     code = grpc.StatusCode.NOT_FOUND
     retryable = True
+
+
+class SessionEvicted(SessionNotFound):
+    """The server freed this idle session's cache for a newcomer: not the server's fault (do not avoid it);
+    reopen (there or elsewhere) and replay history. NOT_FOUND like SessionNotFound, so a client that does not
+    know this class still reopens and replays."""
 
 
 class CacheExhausted(PollenError):
@@ -189,6 +196,8 @@ def map_errors(handler: H) -> H:
         if isinstance(e, grpc.aio.AbortError):
             report(servicer, _aborted_code(context))
             raise e  # the handler aborted on purpose: the status is already set
+        if isinstance(e, DecodeError):  # a request that is not valid protobuf (swarm.handlers catches most first)
+            e = InvalidRequest(f"request is not a valid protobuf message: {str(e)[:200]}")
         if isinstance(e, PollenError):
             report(servicer, e.code.name)
             log.info("%s rejected: %s %s", rpc, e.code.name, e)
