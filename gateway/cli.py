@@ -1,5 +1,6 @@
 """`pollen`: a swarm for people at a terminal. Subcommands: `gateway` (HTTP/WebSocket APIs and the health
-dashboard), `chat` (interactive chat), `generate` (one prompt, streamed), `swarm` (who serves what)."""
+dashboard), `chat` (interactive chat), `generate` (one prompt, streamed), `swarm` (who serves what), `server`
+(pause, resume or inspect a shard-server on this machine through its admin socket)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ EPILOG = """examples:
   pollen gateway --initial-peers 127.0.0.1:31337 --model models/smollm2-135m --port 8000
   pollen chat --initial-peers 127.0.0.1:31337 --model models/smollm2-135m
   pollen generate --initial-peers 127.0.0.1:31337 --model models/smollm2-135m "Once upon a time"
-  pollen swarm --initial-peers 127.0.0.1:31337"""
+  pollen swarm --initial-peers 127.0.0.1:31337
+  pollen server pause --admin-socket $XDG_RUNTIME_DIR/pollen/shard-31330.sock --grace 30"""
 
 
 def _common(p: argparse.ArgumentParser, model_help: str, model_required: bool, many: bool) -> None:
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pollen", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{gateway,chat,generate,swarm}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{gateway,chat,generate,swarm,server}")
 
     gw = sub.add_parser(
         "gateway",
@@ -179,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(sw, "only this model (repeatable).", False, True)
     sw.add_argument("--json", action="store_true", help="print /api/v1/state's JSON instead of tables")
+
+    from gateway import server_admin
+
+    server_admin.add_parser(sub)
     return parser
 
 
@@ -256,6 +262,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "server":  # local admin socket: no swarm, no logging set-up needed
+        from gateway import server_admin
+
+        return server_admin.run(args)
     # The terminal commands keep the screen for the conversation: warnings only, unless asked.
     quiet = None if args.command == "gateway" else os.environ.get("POLLEN_LOG_LEVEL") or "WARNING"
     setup_logging(args.log_level or quiet)

@@ -157,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-backward-tokens", type=_positive_int, default=None,
                    help="largest Backward request in tokens (batch x seq); default: as many as fit a quarter of "
                         "the memory free after loading, at most 2048")
+    p.add_argument("--admin-socket", metavar="PATH", default="auto",
+                   help="Unix socket of the local admin endpoint (`pollen server pause|resume|status`), mode 0600 "
+                        "in a directory of yours that only you can enter (created 0700); auto = "
+                        "$XDG_RUNTIME_DIR/pollen/shard-PORT.sock, else ~/.cache/pollen/run/shard-PORT.sock; off = "
+                        "no admin endpoint")
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="log level (default: $POLLEN_LOG_LEVEL or INFO)")
     # fmt: on
@@ -216,6 +221,7 @@ def config_from_args(args: argparse.Namespace) -> ShardServerConfig:
         calls_per_ip_s=args.rate_per_ip,
         max_calls_in_flight_per_ip=args.calls_in_flight_per_ip,
         max_streams_per_ip=args.max_sessions_per_ip,
+        admin_socket=args.admin_socket,
     )
 
 

@@ -113,6 +113,10 @@ class ShardServerConfig:
     max_calls_in_flight_per_ip: int = 256
     # Inference sessions plus Forward/Backward streams one IP may have open at once.
     max_streams_per_ip: int = 64
+    # ---- local administration ----
+    # Unix socket of the admin endpoint (pause/resume/status): a path, "auto" = $XDG_RUNTIME_DIR/pollen/
+    # shard-<port>.sock (else ~/.cache/pollen/run/...), "" = none (the CLI's default is "auto").
+    admin_socket: str = ""
 
     def __post_init__(self) -> None:
         # Checked here as well as in argparse so in-process users (tests, embedders) get the same errors.

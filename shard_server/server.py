@@ -5,13 +5,24 @@ start():  check model (config.json only) → choose blocks (pinned, or from the 
           budget from a real cache's bytes per token → throughput (--throughput, cached file, or measured and
           cached) → announce ONLINE (the first store must succeed) → health SERVING → background loops (announce,
           idle sessions, peer RTTs, rebalancing when the blocks were not pinned).
+          The admin endpoint (admin.py, a Unix socket) starts once the gRPC port is bound.
 move_to(): health NOT_SERVING → refuse new sessions → announce DRAINING → let running sessions finish (bounded),
           close the rest → announce the old blocks OFFLINE → unload → load the new blocks (the old ones again if
-          that fails) → announce ONLINE → health SERVING (see rebalancer.py for when).
-stop():   health NOT_SERVING → refuse new sessions, stop the background loops → announce OFFLINE while running
-          sessions drain (bounded) → stop gRPC (cancels what is left) → close the DHT client, peer channels and
-          /metrics → stop the worker and wait for it to finish its current step (a process must not exit
-          while torch runs on it).
+          that fails) → announce ONLINE → health SERVING (see rebalancer.py for when; skipped unless ONLINE).
+pause():  (admin Pause, only when ONLINE) health NOT_SERVING → refuse new sessions (UNAVAILABLE "paused") →
+          announce PAUSED → let running sessions finish within the grace period, close the rest (their clients
+          fail over) → drop the blocks and free their memory (gc, CUDA cache, heap trim). Kept: identity, gRPC
+          port (Info says "paused"), DHT membership (the announce loop refreshes PAUSED), blocks, KV budget and
+          throughput.
+resume(): (admin Resume, only when PAUSED) load the same blocks → take sessions → announce ONLINE (same peer
+          id, nothing re-measured) → health SERVING. A failed reload leaves the server PAUSED.
+          move_to/pause/resume live in lifecycle.py and never overlap: a pause or resume during a start, a move
+          or another transition is refused (FAILED_PRECONDITION); pause when paused, resume when online are
+          no-ops.
+stop():   health NOT_SERVING → refuse new sessions, stop the background loops → announce OFFLINE (also when
+          paused) while running sessions drain (bounded) → stop gRPC (cancels what is left) → close the DHT
+          client, peer channels, /metrics and the admin socket → stop the worker and wait for it to finish its
+          current step (a process must not exit while torch runs on it).
 
 Security (`config.security`, swarm.net) covers the gRPC port (swarm-key proofs, TLS) and every call the
 server makes itself: the DHT client, pushes and RTT probes.
@@ -31,12 +42,14 @@ import torch
 import swarm
 from shard_server import startup
 from shard_server.adapters import AdapterSpec, load_adapters, parse_specs, read_config
+from shard_server.admin import AdminEndpoint, start_admin
 from shard_server.announcer import Announcer
 from shard_server.backend import BlockBackend
 from shard_server.block_selection import choose_blocks
 from shard_server.cache import SessionCache
 from shard_server.config import ShardServerConfig
 from shard_server.frontend import GrpcFront
+from shard_server.lifecycle import Lifecycle
 from shard_server.loader import ModelInfo, inspect_model, load_span
 from shard_server.memory import rss_bytes
 from shard_server.next_hops import NextHops
@@ -76,6 +89,7 @@ class ShardServer:
         self.throughput_tps = 0.0
         self.memory_report: dict[str, int] = {}  # rss / weights bytes, filled once loaded
         self.cache = SessionCache(max_sessions=cfg.max_sessions, alloc_timeout_s=cfg.alloc_timeout_s)
+        self.cache.evict_idle_after_s = cfg.evict_idle_after_s  # a full cache evicts idle sessions for newcomers
         # All torch work runs on the scheduler's one worker thread: the event loop never blocks on compute and
         # the model needs no locks.
         self.scheduler = Scheduler(
@@ -97,6 +111,8 @@ class ShardServer:
         self._model_hash = ""
         self._stopped = False
         self._adapter_specs: tuple[AdapterSpec, ...] = ()  # --adapters, checked before anything is bound
+        self.lifecycle = Lifecycle(self)  # move_to, pause, resume
+        self._admin: AdminEndpoint | None = None  # the Unix-socket admin endpoint (config.admin_socket)
 
     @property
     def address(self) -> str:
@@ -151,6 +167,7 @@ class ShardServer:
             await front.start()
             self.port = front.port
             log.info("gRPC listening on %s (%s; loading blocks)", self.address, self.security.describe())
+            self._admin = await start_admin(cfg.admin_socket, self.port, self)
             if cfg.metrics_port is not None:
                 await self._start_metrics(cfg.metrics_port)
             rss_before = rss_bytes()
@@ -295,41 +312,7 @@ class ShardServer:
 
     async def move_to(self, target: BlockRange) -> None:
         """Serve `target` instead of the current blocks (see the module docstring for the steps)."""
-        old, servicer, announcer, front = self.blocks, self.servicer, self._announcer, self._front
-        assert old is not None and servicer is not None and announcer is not None and front is not None
-        if self.metrics is not None:
-            self.metrics.moves.inc()
-        self.state = ServerState.DRAINING
-        await front.set_serving(False)
-        self.cache.start_draining()
-        await announcer.announce(ServerState.DRAINING)  # routing stops sending new sessions here
-        await self._drain(self.config.drain_timeout_s)
-        self.cache.close_all(f"server is moving from blocks {old} to {target}; continue on another server")
-        await self._drain(2.0)
-        if self._announce_task is not None:
-            self._announce_task.cancel()
-        await announcer.announce_offline()  # blocks of the old range; the new range's ONLINE comes later
-        servicer.backend = None
-        gc.collect()
-        if self._device.type == "cuda":
-            torch.cuda.empty_cache()
-        try:
-            backend = await self._load(target)
-        except Exception:
-            log.exception("loading blocks %s failed; reloading %s", target, old)
-            target, backend = old, await self._load(old)
-        self.blocks = servicer.blocks = announcer.blocks = target
-        if self._peer_rtts is not None:
-            self._peer_rtts.blocks = target
-        await self._serve_backend(backend)  # adapters re-read for the new blocks
-        self.cache.stop_draining()
-        self.state = ServerState.ONLINE
-        # Later than the OFFLINE just stored for overlapping blocks, or the DHT would keep OFFLINE for them.
-        expiration = max(time.time() + self.config.ttl_s, announcer.last_expiration + 1)
-        await announcer.announce(ServerState.ONLINE, expiration)
-        self._start_announce_loop()
-        await front.set_serving(True)
-        log.info("moved from blocks %s to %s", old, target)
+        await self.lifecycle.move_to(target)
 
     # ---- shutdown ---------------------------------------------------------------------------------------
 
@@ -344,10 +327,10 @@ class ShardServer:
         # The refresh loop must not re-announce ONLINE after OFFLINE.
         await self._tasks.cancel_all()
         drain_s = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
-        was_online = self.state == ServerState.ONLINE
+        was_online = self.state in (ServerState.ONLINE, ServerState.PAUSED)  # announced: say OFFLINE
         self.state = ServerState.DRAINING
         leaving = self._announcer.leave() if self._announcer is not None and was_online else asyncio.sleep(0)
-        await asyncio.gather(leaving, self._drain(drain_s))
+        await asyncio.gather(leaving, self.lifecycle.drain(drain_s))
         self.state = ServerState.OFFLINE
         if self._front is not None:
             await self._front.stop()
@@ -360,19 +343,12 @@ class ShardServer:
             await self.servicer.next_hops.close()
         if self._metrics_http is not None:
             await self._metrics_http.stop()
+        if self._admin is not None:
+            await self._admin.stop()
         self.scheduler.close()
         if not await self.scheduler.join(WORKER_JOIN_S):
             log.warning("the worker is still running a step after %.0f s; exiting anyway", WORKER_JOIN_S)
         log.info("stopped (peer %s)", self.peer_id)
-
-    async def _drain(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        if self.cache.active_sessions:
-            log.info("draining %d open sessions (up to %.1f s)", self.cache.active_sessions, timeout_s)
-        while self.cache.active_sessions and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.cache.active_sessions:
-            log.warning("%d sessions still open after %.1f s of draining", self.cache.active_sessions, timeout_s)
 
     async def run(self) -> None:
         """CLI lifecycle: start, say ready, serve until SIGINT/SIGTERM, stop gracefully."""

@@ -89,6 +89,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self.max_inbox_bytes = max_inbox_bytes
         self.max_streams_per_ip = max_streams_per_ip
         self.backend: BlockBackend | None = None  # set by the server once the blocks are loaded
+        self.unavailable_reason = ""  # why new sessions are refused while paused or moving (lifecycle.py)
         # By the client's session_id: where pushes for it go. A list, because session ids are the client's
         # choice: whoever opens a session under an id in use gets its own inbox, never the other's pushes.
         self._inboxes: dict[str, list[StepInbox]] = {}
@@ -269,7 +270,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
     def _ready_backend(self) -> BlockBackend:
         if self.cache.draining:
-            raise ServerDraining("server is shutting down; use another server")
+            raise ServerDraining(self.unavailable_reason or "server is shutting down; use another server")
         if self.backend is None:
             raise ServerDraining("server is still loading its blocks; retry shortly or use another server")
         return self.backend
