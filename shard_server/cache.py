@@ -6,6 +6,14 @@ reservations bounds real memory: clients cannot make the server run out of memor
 open. When the budget (or the session limit) is full, `open` waits in FIFO order up to the alloc timeout, then
 fails with RESOURCE_EXHAUSTED saying how much was asked and how much is free. Only the event loop touches this
 object; the KV tensors themselves are created and written on the worker thread.
+
+A full cache need not turn newcomers away: with `evict_idle_after_s` > 0, an open that does not fit first evicts
+sessions idle at least that long, idle longest first, as many as needed, and only if evicting them really makes
+room (`pick_evictions`, a pure function). Idle means no step in flight and the last one ended that long ago, so a
+session mid-step is never evicted. An evicted session's stream ends with SessionEvicted (NOT_FOUND, retryable):
+its client reopens, on this server or another, and replays its history as in failover, so its output stays exact;
+what eviction costs is one replayed prefill, later, for a client that was not using its cache, instead of a
+refusal now for one that wants to work. A waiting open re-checks whenever an open session becomes old enough.
 """
 
 from __future__ import annotations
@@ -15,12 +23,13 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from shard_server.backend import KvHandle
 from swarm.blocks import BlockRange
-from swarm.errors import CacheExhausted, ServerDraining
+from swarm.errors import CacheExhausted, PollenError, ServerDraining, SessionEvicted, SessionNotFound
 from swarm.models.lora import LoraSet
 
 log = logging.getLogger(__name__)
@@ -48,21 +57,60 @@ class Session:
     kv: KvHandle = field(repr=False)  # its tensors are created on the worker at the first step
     lora: LoraSet | None = field(default=None, repr=False)  # adapter and/or client LoRA for every step
     length: int = 0  # tokens in the KV cache; the next step's position must be <= this
-    last_active: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=time.monotonic)  # when the last step ended (or the session opened)
+    in_step: bool = False  # a step was taken and is not answered yet: never evicted meanwhile
     task: asyncio.Task[Any] | None = field(default=None, repr=False)  # the stream's handler, to end it
-    closed_reason: str = ""  # set when the server ends the session (idle, moving blocks)
+    closed_reason: str = ""  # set when the server ends the session (idle, evicted, moving blocks)
+    closed_as: type[PollenError] = field(default=SessionNotFound, repr=False)  # the error its stream ends with
 
-    def close(self, reason: str) -> None:
-        """End the session's stream from outside it: the client gets NOT_FOUND with `reason`."""
+    def close(self, reason: str, error: type[PollenError] = SessionNotFound) -> None:
+        """End the session's stream from outside it: the client gets `error` (NOT_FOUND) with `reason`."""
         if self.task is not None and not self.task.done():
             self.closed_reason = reason
+            self.closed_as = error
             self.task.cancel()
+
+    def evictable(self, idle_after_s: float, now: float) -> bool:
+        """Idle (no step in flight, none for `idle_after_s`) and still running a stream that can be ended."""
+        return (
+            not self.in_step
+            and not self.closed_reason
+            and self.task is not None
+            and not self.task.done()
+            and now - self.last_active >= idle_after_s
+        )
+
+
+def pick_evictions(
+    sessions: Iterable[Session],
+    need_bytes: int,
+    free_bytes: int,
+    free_slots: int,
+    idle_after_s: float,
+    now: float,
+) -> list[Session] | None:
+    """The sessions to evict so that a session of `need_bytes` fits: idle at least `idle_after_s`, idle longest
+    first, only as many as needed. `free_slots`: sessions the session limit still admits. None when even all
+    evictable sessions would not make room (then none should go: evicting would cost them a replay for
+    nothing), or when eviction is off (`idle_after_s` <= 0). An empty list: it fits already."""
+    if idle_after_s <= 0:
+        return None
+    candidates = sorted((s for s in sessions if s.evictable(idle_after_s, now)), key=lambda s: s.last_active)
+    victims: list[Session] = []
+    for session in candidates:
+        if free_bytes >= need_bytes and free_slots >= 1:
+            break
+        victims.append(session)
+        free_bytes += session.reserved_bytes
+        free_slots += 1
+    return victims if free_bytes >= need_bytes and free_slots >= 1 else None
 
 
 @dataclass(eq=False)
 class _Waiter:
     need_bytes: int
     future: asyncio.Future[None]
+    session_id: str = ""  # for the eviction log line
 
 
 class SessionCache:
@@ -73,9 +121,15 @@ class SessionCache:
         held_blocks: int = 1,
         max_sessions: int = 1 << 20,
         alloc_timeout_s: float = 0.0,
+        evict_idle_after_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,  # the sessions' `last_active` clock; tests pass their own
     ) -> None:
         self.max_sessions = max_sessions
         self.alloc_timeout_s = alloc_timeout_s
+        self.evict_idle_after_s = evict_idle_after_s  # 0: never evict, newcomers wait (and maybe fail) instead
+        self.clock = clock
+        self.evictions = 0  # sessions evicted so far
+        self.on_evict: Callable[[Session], None] | None = None  # e.g. a metrics counter
         self.set_budget(budget_bytes, token_bytes_per_block, held_blocks)
         self._used_bytes = 0
         self._admitted = 0  # sessions open + granted but not yet registered (the session limit counts both)
@@ -162,16 +216,13 @@ class SessionCache:
             )
         timeout = self.alloc_timeout_s if timeout_s is None else timeout_s
         t0 = time.monotonic()
-        if not self._waiters and self._fits(need):
+        if not self._waiters and (self._fits(need) or self._evict_for(need, session_id)):
             self._admit(need)  # the fast path: no waiting, no future
         else:
-            waiter = _Waiter(need, asyncio.get_running_loop().create_future())
+            waiter = _Waiter(need, asyncio.get_running_loop().create_future(), session_id)
             self._waiters.append(waiter)
             try:
-                if timeout <= 0:
-                    raise TimeoutError
-                # shield: a timeout must not cancel a grant that is being handed over at the same moment
-                await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+                await self._wait(waiter, t0 + timeout)
             except TimeoutError:
                 self._abandon(waiter)
                 raise CacheExhausted(
@@ -183,7 +234,9 @@ class SessionCache:
                 self._abandon(waiter)
                 raise
         kv = KvHandle(blocks, batch_size, max_length)
-        session = Session(next(self._handles), session_id, blocks, max_length, batch_size, tokens, need, kv)
+        session = Session(
+            next(self._handles), session_id, blocks, max_length, batch_size, tokens, need, kv, last_active=self.clock()
+        )
         self._sessions[session.handle] = session
         log.info(
             "session %s opened: blocks %s, max_length %d, batch %d, %d cache tokens left",
@@ -193,15 +246,93 @@ class SessionCache:
 
     def release(self, session: Session) -> None:
         """Free the session's reservation and drop its KV tensors; idempotent."""
+        if self._free(session):
+            log.info("session %s closed after %d tokens; %d cache tokens left", session.session_id, session.length,
+                     self.tokens_left)  # fmt: skip
+            self._grant_waiters()
+            self._evict_for_waiters()  # what is free now plus an idle session's room may be enough for the head
+
+    def _free(self, session: Session) -> bool:
         if self._sessions.pop(session.handle, None) is None:
-            return
+            return False
         self._used_bytes -= session.reserved_bytes
         self._admitted -= 1
         session.kv.cache = None
-        session.lora = None  # the worker is done with it (the caller waited for its last step to settle)
-        log.info("session %s closed after %d tokens; %d cache tokens left", session.session_id, session.length,
-                 self.tokens_left)  # fmt: skip
-        self._grant_waiters()
+        session.lora = None  # the worker is done with it (its last step settled, or it has none in flight)
+        return True
+
+    # ---- eviction of idle sessions ------------------------------------------------------------------------
+
+    def _evict_for(self, need: int, for_whom: str) -> bool:
+        """Evict idle sessions so that `need` bytes fit (see `pick_evictions`); False if that cannot make room."""
+        now = self.clock()
+        victims = pick_evictions(
+            self._sessions.values(), need, self.free_bytes, self.max_sessions - self._admitted,
+            self.evict_idle_after_s, now,
+        )  # fmt: skip
+        if not victims:
+            return False
+        for session in victims:
+            idle_s = now - session.last_active
+            log.info("session %s evicted after %.1f s idle: %s (%d cache tokens) freed for session %s",
+                     session.session_id, idle_s, format_bytes(session.reserved_bytes), session.reserved_tokens,
+                     for_whom)  # fmt: skip
+            session.close(
+                f"session {session.session_id} was idle for {idle_s:.0f} s and was evicted (its cache freed) to "
+                f"make room for another session: open a new session and replay its history",
+                SessionEvicted,
+            )
+            # No step is in flight (evictable), so nothing writes its KV: its bytes go back now, not when its
+            # handler gets round to the cancellation (its `release` is then a no-op).
+            self._free(session)
+            self.evictions += 1
+            if self.on_evict is not None:
+                self.on_evict(session)
+        return True
+
+    def _evict_for_waiters(self) -> None:
+        """Make room for the head of the queue by eviction, then the next, while that works."""
+        for _ in range(len(self._waiters)):
+            if not self._waiters or self._fits(self._waiters[0].need_bytes):
+                return  # nobody waits, or the head is being granted by _grant_waiters
+            head = self._waiters[0]
+            if not self._evict_for(head.need_bytes, head.session_id):
+                return
+            self._grant_waiters()
+
+    def _next_evictable_in(self) -> float:
+        """Seconds until one more open session may become evictable (inf with eviction off): those evictable now
+        did not make room. A session mid-step (or still setting up) counts from now: it cannot be sooner."""
+        after = self.evict_idle_after_s
+        if after <= 0:
+            return float("inf")
+        now = self.clock()
+        later = [
+            (now if s.in_step or s.task is None else s.last_active) + after - now
+            for s in self._sessions.values()
+            if not s.closed_reason and not s.evictable(after, now)
+        ]
+        return max(0.0, min(later, default=after))
+
+    async def _wait(self, waiter: _Waiter, deadline: float) -> None:
+        """Wait in the queue until granted; meanwhile, whenever an open session becomes idle long enough, try to
+        make room by eviction. TimeoutError at `deadline` (time.monotonic)."""
+        while True:
+            self._evict_for_waiters()
+            if waiter.future.done():
+                waiter.future.result()  # raises ServerDraining if the server started draining
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            # Wake at the next moment a session may become evictable (a little after, so that it has), or at
+            # the deadline. shield: a timeout must not cancel a grant that is being handed over at that moment.
+            wake = min(left, self._next_evictable_in() + 0.01)
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter.future), wake)
+            except TimeoutError:
+                continue
+            return
 
     def close_idle(self, timeout_s: float, now: float | None = None) -> int:
         """End sessions with no step for `timeout_s`; returns how many. Their streams free them on the way out."""

@@ -43,6 +43,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def _block_range(text: str) -> BlockRange:
     try:
         return BlockRange.parse(text)
@@ -101,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a session open waits for cache room or a session slot before RESOURCE_EXHAUSTED")
     p.add_argument("--session-timeout", type=_positive_float, default=300.0,
                    help="seconds without a step after which a session is closed and its cache freed")
+    p.add_argument("--evict-idle-after", type=_non_negative_float, default=60.0, metavar="SECONDS",
+                   help="when a new session does not fit the cache, evict sessions idle at least this long (longest "
+                        "idle first) instead of making it wait; their clients replay their history on their next "
+                        "step, output unchanged. Steps of a generating client come well under a second apart, so "
+                        "a minute of silence is a user between chat turns or a client gone, and costs them one "
+                        "replayed prefill later, while a newcomer would be refused now. 0 = never evict")
     p.add_argument("--max-sessions", type=_positive_int, default=256,
                    help="open inference sessions at most (further opens wait like a full cache)")
     p.add_argument("--max-queued-requests", type=_positive_int, default=64,
@@ -205,6 +218,7 @@ def config_from_args(args: argparse.Namespace) -> ShardServerConfig:
         cache_bytes=args.cache_bytes,
         alloc_timeout_s=args.alloc_timeout,
         session_timeout_s=args.session_timeout,
+        evict_idle_after_s=args.evict_idle_after,
         max_sessions=args.max_sessions,
         max_queued_requests=args.max_queued_requests,
         batching=args.batching,

@@ -76,6 +76,9 @@ class ShardServerConfig:
     alloc_timeout_s: float = 10.0
     # A session with no step for this long is closed and its cache freed.
     session_timeout_s: float = 300.0
+    # When a new session does not fit, evict sessions idle at least this long (longest idle first) instead of
+    # making it wait; their clients replay on their next step. 0 = never evict. See cli.py's --evict-idle-after.
+    evict_idle_after_s: float = 60.0
     # Open inference sessions at most (more wait like a full cache).
     max_sessions: int = 256
     # Forward/Backward requests waiting for the worker at most (each holds its input in memory).
@@ -138,6 +141,8 @@ class ShardServerConfig:
             raise ValueError("max_sessions and max_queued_requests must be at least 1")
         if self.alloc_timeout_s < 0 or self.session_timeout_s <= 0:
             raise ValueError("alloc_timeout_s must be >= 0 and session_timeout_s > 0")
+        if self.evict_idle_after_s < 0:
+            raise ValueError("evict_idle_after_s must be >= 0 (0 = never evict idle sessions)")
         if self.batching not in ("auto", "on", "off"):
             raise ValueError(f"batching must be auto, on or off, not {self.batching!r}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:

@@ -53,6 +53,9 @@ class ServerMetrics:
             "pollen_batch_seconds", "Worker time per executed inference batch", buckets=LATENCY_BUCKETS, registry=r
         )
         self.moves = Counter("pollen_block_moves", "Times the server moved to other blocks", registry=r)
+        self.evictions = Counter(
+            "pollen_sessions_evicted", "Idle sessions evicted to make room for a new session", registry=r
+        )
         self._latency_children = {rpc: self.latency.labels(rpc) for rpc in ("Forward", "Backward", "InferenceStep")}
         self._token_children = {kind: self.tokens.labels(kind) for kind in ("inference", "forward", "backward")}
 
@@ -84,7 +87,9 @@ def register_gauges(
     throughput_tps: Callable[[], float],
     blocks: Callable[[], BlockRange | None],
 ) -> None:
-    """Load figures read when scraped: the session cache's, the worker queue's and the server's."""
+    """Load figures read when scraped: the session cache's, the worker queue's and the server's; and the cache's
+    evictions, counted as they happen."""
+    cache.on_evict = lambda session: m.evictions.inc()
     m.gauge("pollen_active_sessions", "Open inference sessions", lambda: cache.active_sessions)
     m.gauge("pollen_sessions_waiting", "Session opens waiting for cache room", lambda: cache.waiting)
     m.gauge("pollen_cache_bytes_budget", "KV-cache budget in bytes", lambda: cache.budget_bytes)

@@ -212,6 +212,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             await context.write(shard_pb2.InferenceResponse(opened=opened))
             # The per-token hot path: validate only what can change per step, no logging above DEBUG.
             while (step := await inbox.next()) is not None:
+                session.in_step = True  # not idle, so never evicted until answered (cache.py)
                 step_id = step.step_id
                 item = decode_step(session, step, backend.hidden_size, self.max_batch_tokens)
                 t0 = time.perf_counter()
@@ -219,6 +220,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 out = await pending.result()
                 session.length = step.position + item.hidden.shape[1]
                 session.last_active = time.monotonic()
+                session.in_step = False
                 self._observe("InferenceStep", t0, item.hidden, "inference")
                 hidden_msg = to_proto(out)
                 if pushing is not None:
@@ -231,8 +233,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 async with inbox.write_lock:
                     await context.write(shard_pb2.InferenceResponse(step=reply))
         except asyncio.CancelledError:
-            if session.closed_reason:  # ended by this server (idle, or blocks moving), not by the client
-                raise SessionNotFound(session.closed_reason) from None
+            if session.closed_reason:  # ended by this server (idle, evicted, blocks moving), not by the client
+                raise session.closed_as(session.closed_reason) from None
             raise
         except Exception as e:
             if not isinstance(e, PollenError | grpc.aio.AbortError):
