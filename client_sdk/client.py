@@ -9,6 +9,7 @@ and `sample` (sampling.py) pick the next token. With push, one stream write per 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -26,6 +27,14 @@ from client_sdk.remote import RemoteCalls
 from client_sdk.routing import RouteCosts, Span, missing_ranges
 from client_sdk.sampling import SamplingParams, make_generator, sample
 from client_sdk.session import Failover, InferenceSession, SessionRouter
+from client_sdk.speculative import (
+    DEFAULT_DRAFT_TOKENS,
+    Draft,
+    DraftSpec,
+    SpeculationStats,
+    load_draft,
+    speculative_tokens,
+)
 from client_sdk.transport import ChannelPool
 from client_sdk.tuning import Tuning
 from client_sdk.verify import OutputVerifier
@@ -37,6 +46,8 @@ if TYPE_CHECKING:
     from swarm.records import ServerRecord
 
 log = logging.getLogger(__name__)
+
+Speculation = tuple[Draft, int, bool]  # the draft, k of the first trip, adapt k
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,8 @@ class AsyncSwarmClient:
             )  # fmt: skip
         self.last_failovers: list[Failover] = []  # recoveries during the last generate call
         self.active_session: InferenceSession | None = None  # the session of the running generate call
+        self.last_speculation: SpeculationStats | None = None  # of the last generate call with a draft_model
+        self._drafts: dict[str, Draft] = {}  # loaded drafts by their spec ("self:N", a folder)
         self._tasks = TaskSet()
 
     @property
@@ -150,6 +163,9 @@ class AsyncSwarmClient:
         top_p: float = 1.0,
         seed: int | None = None,
         eos_token_id: EosArg = ...,
+        draft_model: DraftSpec | None = None,
+        num_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+        adaptive_draft: bool = True,
     ) -> Any:
         """Generate up to `max_new_tokens` after `inputs` and return only the new tokens.
 
@@ -157,11 +173,17 @@ class AsyncSwarmClient:
         2-D LongTensor -> a LongTensor of the same rank. `eos_token_id=...` uses the model's EOS ids,
         None never stops early; EOS cannot be drawn before `min_new_tokens`. Rows that finished early
         are padded (pad_token_id, else EOS). Sampling follows transformers: temperature, top-k, top-p.
+
+        `draft_model` turns on speculative decoding (speculative.py; one sequence at a time): "self:N" (this
+        model's first N blocks + its head, loaded locally), a folder of a small model with the same tokenizer,
+        a local transformers model, or a `Draft`. It drafts `num_draft_tokens` tokens per round trip to start
+        with (then adapted, unless `adaptive_draft=False`); greedy output is exactly the plain greedy output.
         """
         ids, kind = encode_prompt(inputs, self.tokenizer, self.local.config.vocab_size)
         tokens: list[torch.Tensor] = []
         params = SamplingParams(do_sample, temperature, top_k, top_p)
-        agen = self._generate_ids(ids, max_new_tokens, min_new_tokens, params, seed, eos_token_id)
+        spec = await self._speculation(draft_model, num_draft_tokens, adaptive_draft)
+        agen = self._generate_ids(ids, max_new_tokens, min_new_tokens, params, seed, eos_token_id, spec)
         async with contextlib.aclosing(agen):
             async for token in agen:
                 tokens.append(token)
@@ -180,14 +202,19 @@ class AsyncSwarmClient:
         top_p: float = 1.0,
         seed: int | None = None,
         eos_token_id: EosArg = ...,
+        draft_model: DraftSpec | None = None,
+        num_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+        adaptive_draft: bool = True,
     ) -> AsyncGenerator[Any, None]:
         """Like generate, yielding as tokens arrive: for a text prompt, text pieces (each one complete
         characters; together exactly the text `generate` returns); for token ids, each new token (an int for
-        one sequence, else a LongTensor [batch]). Wrap in `contextlib.aclosing` if you may stop early."""
+        one sequence, else a LongTensor [batch]). Wrap in `contextlib.aclosing` if you may stop early.
+        With `draft_model`, tokens arrive in bursts (those one round trip verified)."""
         ids, kind = encode_prompt(inputs, self.tokenizer, self.local.config.vocab_size)
         text = self.tokenizer.stream() if kind is Kind.TEXT and self.tokenizer is not None else None
         params = SamplingParams(do_sample, temperature, top_k, top_p)
-        agen = self._generate_ids(ids, max_new_tokens, min_new_tokens, params, seed, eos_token_id)
+        spec = await self._speculation(draft_model, num_draft_tokens, adaptive_draft)
+        agen = self._generate_ids(ids, max_new_tokens, min_new_tokens, params, seed, eos_token_id, spec)
         async with contextlib.aclosing(agen):
             async for token in agen:
                 if text is None:
@@ -205,11 +232,24 @@ class AsyncSwarmClient:
         params: SamplingParams,
         seed: int | None,
         eos_token_id: EosArg,
+        speculation: Speculation | None = None,
     ) -> AsyncGenerator[torch.Tensor, None]:  # yields [batch] int64 per new token
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         generator = make_generator(seed) if params.do_sample else None
         eos = eos_ids(eos_token_id, self.local.eos_token_ids)
+        if speculation is not None:
+            if max_new_tokens == 0:
+                return
+            stats = self.last_speculation = SpeculationStats()
+            draft, k, adaptive = speculation
+            agen = speculative_tokens(
+                self, ids, max_new_tokens, min_new_tokens, params, generator, eos, draft, k, adaptive, stats
+            )
+            async with contextlib.aclosing(agen):
+                async for t in agen:
+                    yield torch.tensor([t])
+            return
         eos_t = torch.tensor(eos, dtype=torch.long) if eos else None
         pad_id = self.local.pad_token_id
         pad = pad_id if pad_id is not None else (eos[0] if eos else 0)
@@ -252,6 +292,18 @@ class AsyncSwarmClient:
         hidden = await session.step(hidden)  # failovers happen inside
         with torch.inference_mode():
             return head.logits(hidden[:, -1:].to(self.local.dtype))[:, -1]  # [batch, vocab]
+
+    async def _speculation(self, spec: DraftSpec | None, k: int, adaptive: bool) -> Speculation | None:
+        """The draft for `spec` (None: no speculation), loaded once per spec string and kept for later calls."""
+        if spec is None:
+            return None
+        if not isinstance(spec, str | os.PathLike):
+            return load_draft(spec, self.local), k, adaptive
+        key = os.fspath(spec)
+        draft = self._drafts.get(key)
+        if draft is None:  # reads a checkpoint: off the event loop
+            draft = self._drafts[key] = await asyncio.to_thread(load_draft, spec, self.local)
+        return draft, k, adaptive
 
     def _same_span_holders(self, span: Span) -> list[Span]:
         """Servers able to recompute `span` for verification: usable, holding its blocks, of the same precision."""

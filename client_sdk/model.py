@@ -5,7 +5,8 @@ processors, stopping criteria, streamers), while the transformer blocks run on t
 Imported on first use of these classes (see __init__.py): it imports transformers. Embeddings, final norm and
 LM head run locally; prompts and client-owned LoRA come from `DistributedPreTrainedModel` (pretrained.py).
 During `generate` the KV cache lives on the servers: `RemoteCache` stands in for it, tells transformers how
-many tokens the servers hold, and turns beam-search reorders into `hypo_ids` for the next step. With prompt
+many tokens the servers hold, turns beam-search reorders into `hypo_ids` for the next step, and rolls the servers
+back when assisted generation (`generate(assistant_model=draft)`) crops rejected drafts. With prompt
 tuning the servers' caches start with the prompt prefix: the first step of a session sends it (and the deep
 prompts of each server's blocks), and transformers never sees it. `model(input_ids)` without a cache runs
 `Forward` (and `Backward` through autograd) via `RemoteSequential`.
@@ -44,7 +45,16 @@ class RemoteCache(Cache):
 
     @property
     def is_croppable(self) -> bool:  # type: ignore[override]
-        return False
+        return True  # rolling the servers back costs nothing (see crop)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Assisted generation (`generate(assistant_model=...)`) drops the rejected drafts: `crop(-n)` forgets the
+        last n tokens (transformers 5.x; a positive count is the legacy absolute length, refused as transformers
+        does). The servers overwrite them at the next step; failover replays never rebuild them."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative count of tokens to remove")
+        if tokens_to_remove < 0:
+            self.session.rollback(self.session.position + tokens_to_remove)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         idx = beam_idx.to("cpu", torch.long)
@@ -91,6 +101,14 @@ class RemoteSession:
                 prompts = None if deep is None else deep.to(hidden.dtype)
         out = client.run(self.inference.step(hidden, attention_mask, hypo_ids, prompts))
         return out[:, -new:]
+
+    def rollback(self, position: int) -> None:
+        """Forget the user's tokens from `position` on (the prompt prefix stays)."""
+        if self.inference is None:
+            raise RuntimeError("nothing to roll back: the session has not started")
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot roll back to {position}: the session holds {self.position} tokens")
+        self.inference.rollback(position + self.prefix)
 
     def close(self) -> None:
         if self.inference is not None:

@@ -315,6 +315,16 @@ class InferenceSession:
             attempt += 1
             delay = max(MIN_ROUTE_POLL_S, self.router.backoff_s(attempt))
 
+    def rollback(self, position: int) -> None:
+        """Forget the tokens from `position` on (speculative decoding drops the drafts the model rejected): the
+        next step is written at `position`, overwriting them in every server's cache, and no failover replays
+        them (each span's history is cut to `position`). Costs no message."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot roll back to position {position}: the session holds {self.position} tokens")
+        for stream in self.streams:
+            stream.rollback(position)
+        self.position = position
+
     async def close(self) -> None:
         """Half-close every stream so servers free the caches, then drop them; never raises."""
         streams, self.streams = self.streams, []

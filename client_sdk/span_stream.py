@@ -13,6 +13,7 @@ replaying a span's history on a replacement (`replay`) rebuilds exactly the lost
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -195,6 +196,21 @@ class SpanStream:
         else:
             self.history.append(inp)
         self.position = inp.end
+
+    def rollback(self, position: int) -> None:
+        """Forget every token from `position` on (speculative decoding's rejected drafts). The server keeps them
+        in its cache until the next step, written at `position`, overwrites them; the history is cut so that a
+        replay on a replacement server rebuilds only the tokens that stay."""
+        kept: list[StepInput] = []
+        for inp in self.history:
+            if inp.end <= position:
+                kept.append(inp)
+            elif inp.position < position:  # the step that straddles `position`: keep its first tokens
+                cut = position - inp.position
+                mask = None if inp.mask is None else inp.mask[:, :position]
+                kept.append(dataclasses.replace(inp, hidden=inp.hidden[:, :cut], mask=mask))
+        self.history = kept
+        self.position = min(self.position, position)
 
     def replay(self, current: StepInput, full: torch.Tensor | None) -> StepInput:
         """The one step that rebuilds this (replacement) server's cache and runs `current` too: the span's
