@@ -25,14 +25,15 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import grpc
 import torch
 
 from client_sdk.routing import Span
 from client_sdk.span_stream import SpanError, SpanStream, StepInput, bad_reply, consolidate
-from client_sdk.transport import ChannelPool
+from client_sdk.transport import ChannelPool, rpc_error
 from client_sdk.tuning import Tuning
 from client_sdk.verify import OutputVerifier
-from swarm.errors import PollenError
+from swarm.errors import PollenError, SessionEvicted
 from swarm.pb import shard_pb2
 from swarm.tensors import to_proto
 
@@ -260,6 +261,8 @@ class InferenceSession:
         t0 = time.perf_counter()
         old = self.streams[i]
         error = failure.error
+        if not isinstance(error, SessionEvicted):
+            error = await ended_by_eviction(old) or error
         if self.router is None or not error.retryable:
             raise error
         left = self._time_left_s()
@@ -269,7 +272,11 @@ class InferenceSession:
                         self.failover_budget_s - left, error)  # fmt: skip
             raise error
         self._failures += 1
-        self.router.on_failure(old.span.peer_id)  # banned: a dead server with a live record is not picked again
+        # Banned: a dead server with a live record is not picked again. Not when it evicted our idle session to
+        # serve another: that is no fault, and the router may well pick it again (it then evicts someone else's
+        # idle session or makes us wait for room, as any open).
+        if not isinstance(error, SessionEvicted):
+            self.router.on_failure(old.span.peer_id)
         old.cancel()
         log.warning(
             "session %s: %s failed at position %d (%s); re-routing blocks %d:%d (failover %d, %.0f s left)",
@@ -336,6 +343,22 @@ class InferenceSession:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def ended_by_eviction(stream: SpanStream) -> SessionEvicted | None:
+    """SessionEvicted if the server ended `stream` by evicting the session. A session evicted while its client
+    was between steps fails at the next write, which only says the stream is closed: its status says why."""
+    call = stream.call
+    if call is None or not call.done() or call.cancelled():  # still open, or ended by this client
+        return None
+    code = await call.code()
+    if code != grpc.StatusCode.NOT_FOUND:
+        return None
+    status = grpc.aio.AioRpcError(
+        code, await call.initial_metadata(), await call.trailing_metadata(), await call.details()
+    )
+    error = rpc_error(status, stream.span.address)
+    return error if isinstance(error, SessionEvicted) else None
 
 
 def step_request(inp: StepInput, hops: list[shard_pb2.NextHop], span: Span | None = None) -> shard_pb2.InferenceRequest:

@@ -278,7 +278,7 @@ class SessionCache:
                      session.session_id, idle_s, format_bytes(session.reserved_bytes), session.reserved_tokens,
                      for_whom)  # fmt: skip
             session.close(
-                f"session {session.session_id} was idle for {idle_s:.0f} s and was evicted (its cache freed) to "
+                f"session {session.session_id} was idle for {idle_s:.1f} s and was evicted (its cache freed) to "
                 f"make room for another session: open a new session and replay its history",
                 SessionEvicted,
             )
