@@ -19,6 +19,7 @@ from dht_node.storage import MAX_VALUE_BYTES_LIMIT
 from swarm.aio import install_signal_handlers, write_ready_file
 from swarm.logs import setup_logging
 from swarm.net import add_security_args, security_from_args
+from swarm.relay import add_relay_args, relay_limits_from_args
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 1.0  # in-flight gRPC calls get this long after SIGTERM
@@ -61,7 +62,12 @@ examples:
   dht-node --bootstrap --identity ~/.cache/pollen/dht.key
   dht-node --initial-peers 10.0.0.5:31337 --host 0.0.0.0 --announce-host 203.0.113.7
   dht-node --probe 127.0.0.1:31337
-  dht-node --bootstrap --swarm-key /run/secrets/swarm.key --tls-cert node.pem --tls-key node.key""",
+  dht-node --bootstrap --swarm-key /run/secrets/swarm.key --tls-cert node.pem --tls-key node.key
+  dht-node --bootstrap --host 0.0.0.0 --announce-host 203.0.113.7 --relay --relay-ports 40000-40099
+
+servers behind NAT: every shard server asks a dht-node to dial it back (Dht.CheckReachable; only the
+  caller's own IP is dialled, a few times a minute at most). One that cannot be dialled attaches to a
+  node started with --relay, which lends it a TCP port from --relay-ports on this host.""",
     )
     join = p.add_mutually_exclusive_group(required=True)
     join.add_argument("--bootstrap", action="store_true", help="start a new swarm (the first node)")
@@ -172,6 +178,7 @@ examples:
         "(default: %(default)s)",
     )
     add_security_args(p)
+    add_relay_args(p)
     p.add_argument(
         "--log-level",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -212,6 +219,7 @@ def parse_config(argv: Sequence[str] | None = None) -> DhtNodeConfig:
             security=security_from_args(args),
             udp_requests_per_ip_s=args.udp_rate_per_ip,
             grpc_calls_per_ip_s=args.grpc_rate_per_ip,
+            relay=None if probe else relay_limits_from_args(args),
         )
     except ValueError as e:
         parser.error(str(e))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from dht_node.storage import MAX_VALUE_BYTES_LIMIT, StorageLimits
 from swarm.net import PLAINTEXT, Security, parse_addresses
+from swarm.relay import RelayLimits
 
 DEFAULT_PORT = 31337
 
@@ -64,6 +65,8 @@ class DhtNodeConfig:
     grpc_calls_per_ip_s: float = 500.0
     # A shard server announces every block at once (one Store per block key): 256 covers the largest models.
     grpc_max_in_flight_per_ip: int = 256
+    # `--relay`: lend ports on `host` to shard servers nobody can dial (swarm.relay), within these limits.
+    relay: RelayLimits | None = None
 
     def __post_init__(self) -> None:
         # Checked here as well as in argparse so in-process users (tests, embedders) get the same errors.

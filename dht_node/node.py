@@ -32,6 +32,7 @@ from dht_node.crawl import LookupStats, NodeLookup, RecordLookup
 from dht_node.datagram import DatagramSeal
 from dht_node.liveness import STALE_AFTER_S
 from dht_node.protocol import DUE_SPREAD_S, PollenProtocol
+from dht_node.reachability import ReachabilityProbe
 from dht_node.servicer import DhtServicer
 from dht_node.storage import Record, RecordStorage, merge_into
 from dht_node.validation import RecordValidator
@@ -41,6 +42,7 @@ from swarm.handlers import add_servicer
 from swarm.identity import Identity
 from swarm.net import bind_server, create_server, format_address, parse_address
 from swarm.pb import dht_pb2
+from swarm.relay import RelayService
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,9 @@ class DhtNode:
         self._transport: asyncio.DatagramTransport | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
+        # --relay: lends ports on our host to servers behind NAT (swarm.relay), on the announced host
+        cfg = self.config
+        self.relay = RelayService(cfg.relay, cfg.host, cfg.announce_host or cfg.host) if cfg.relay else None
         self._started = self._stopped = False
         self.upkeep_rounds = 0  # completed maintenance ticks (republish, bucket refresh): progress in node time
         self._lookups = asyncio.Semaphore(LOOKUP_CONCURRENCY)
@@ -198,9 +203,12 @@ class DhtNode:
             max_receive_bytes=MAX_RECEIVE_BYTES,
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
-        servicer = DhtServicer(self, self.storage.limits, self.validator, self.storage.clock)
+        probe = ReachabilityProbe(cfg.security)
+        servicer = DhtServicer(self, self.storage.limits, self.validator, self.storage.clock, probe)
         add_servicer(server, servicer, dht_pb2.DESCRIPTOR.services_by_name["Dht"])  # undecodable: INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        if self.relay is not None:
+            self.relay.add_to_server(server)
         reflection.enable_server_reflection([DHT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         return server
 
@@ -212,6 +220,8 @@ class DhtNode:
         await self._health.enter_graceful_shutdown()
         if self._grpc is not None:
             await self._grpc.stop(grace_s)
+        if self.relay is not None:
+            await self.relay.close()
         await self.tasks.cancel_all()
         if self._protocol is not None:
             self._protocol.close()

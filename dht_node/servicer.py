@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import grpc
 
 import swarm
+from dht_node.reachability import ReachabilityProbe
 from dht_node.storage import (
     MAX_PUBLIC_KEY_BYTES,
     MAX_SIGNATURE_BYTES,
@@ -57,8 +58,10 @@ class DhtServicer(dht_pb2_grpc.DhtServicer):
         limits: StorageLimits,
         validator: RecordFilter,
         clock: Callable[[], float] = time.time,
+        probe: ReachabilityProbe | None = None,
     ) -> None:
         self.node = node
+        self.probe = probe or ReachabilityProbe()  # dial-back for CheckReachable (reachability.py)
         self.limits = limits
         self.validator = validator  # the checks every other node will run on a store (validation.py)
         self.clock = clock  # the node's wall clock: expirations are absolute unix times
@@ -107,6 +110,13 @@ class DhtServicer(dht_pb2_grpc.DhtServicer):
         # Never more bytes out than in: a probe cannot be used to amplify traffic towards someone else.
         reply = min(request.reply_bytes, len(request.payload))
         return dht_pb2.SpeedTestResponse(received_bytes=len(request.payload), payload=bytes(reply))
+
+    @map_errors
+    async def CheckReachable(
+        self, request: dht_pb2.CheckReachableRequest, context: grpc.aio.ServicerContext
+    ) -> dht_pb2.CheckReachableResponse:
+        # Only the caller's own IP is ever dialled: nothing in the request names a host.
+        return await self.probe.check(context.peer() or "", request.port)
 
     def _parse_items(self, items: Any) -> Record:
         limits = self.limits

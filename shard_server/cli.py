@@ -179,14 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log level (default: $POLLEN_LOG_LEVEL or INFO)")
     # fmt: on
     from swarm.net import add_security_args  # the same --swarm-key/--tls-* flags as every Pollen command
+    from swarm.relay import add_relay_args  # the same --relay flags as dht-node
 
     add_security_args(p)
+    add_relay_args(p)
+    p.add_argument("--use-relay", default="auto", choices=("auto", "never", "always"),
+                   help="auto: at start a dht-node dials us back; if it cannot (NAT), keep an outbound stream to a "
+                        "relaying peer and announce the address it lends us. never: skip the check. always: use a "
+                        "relay even when reachable")  # fmt: skip
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ShardServerConfig:
     """Raises ValueError with a one-line message when flags are inconsistent."""
     from swarm.net import parse_addresses, security_from_args
+    from swarm.relay import relay_limits_from_args
 
     return ShardServerConfig(
         model=args.model,
@@ -236,6 +243,8 @@ def config_from_args(args: argparse.Namespace) -> ShardServerConfig:
         max_calls_in_flight_per_ip=args.calls_in_flight_per_ip,
         max_streams_per_ip=args.max_sessions_per_ip,
         admin_socket=args.admin_socket,
+        use_relay=args.use_relay,
+        relay=relay_limits_from_args(args),
     )
 
 

@@ -9,6 +9,7 @@ from swarm.blocks import BlockRange
 
 if TYPE_CHECKING:  # swarm.net imports grpc: not needed to build a config (or for `shard-server --help`)
     from swarm.net import Security
+    from swarm.relay import RelayLimits
 
 MIB = 1 << 20
 
@@ -116,6 +117,12 @@ class ShardServerConfig:
     max_calls_in_flight_per_ip: int = 256
     # Inference sessions plus Forward/Backward streams one IP may have open at once.
     max_streams_per_ip: int = 64
+    # ---- reachability and relaying (shard_server/reachability.py, swarm/relay.py) ----
+    # "auto": ask a dht-node to dial us back at start and attach to a relay if it cannot; "never": skip the
+    # check (announced reachable); "always": attach to a relay even when reachable (tests, benchmarks).
+    use_relay: str = "auto"
+    # `--relay`: lend ports on `host` to servers nobody can dial, within these limits; None = do not relay.
+    relay: RelayLimits | None = None
     # ---- local administration ----
     # Unix socket of the admin endpoint (pause/resume/status): a path, "auto" = $XDG_RUNTIME_DIR/pollen/
     # shard-<port>.sock (else ~/.cache/pollen/run/...), "" = none (the CLI's default is "auto").
@@ -171,6 +178,8 @@ class ShardServerConfig:
             raise ValueError("max_inbox_bytes and max_queued_bytes must be at least 1")
         if self.calls_per_ip_s <= 0 or self.max_calls_in_flight_per_ip < 1 or self.max_streams_per_ip < 1:
             raise ValueError("per-IP limits must be positive")
+        if self.use_relay not in ("auto", "never", "always"):
+            raise ValueError(f"use_relay must be auto, never or always, not {self.use_relay!r}")
         if self.security is not None and self.security.tls is not None and not self.security.tls.serves:
             raise ValueError(
                 "a shard-server serving TLS needs --tls-cert and --tls-key (--tls-ca alone is for clients)"

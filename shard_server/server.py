@@ -54,6 +54,7 @@ from shard_server.loader import ModelInfo, inspect_model, load_span
 from shard_server.memory import rss_bytes
 from shard_server.next_hops import NextHops
 from shard_server.peer_rtt import PeerRtts
+from shard_server.reachability import Reachability
 from shard_server.rebalancer import Rebalancer, fetch_records
 from shard_server.scheduler import Scheduler
 from shard_server.servicer import ShardServicer
@@ -100,6 +101,7 @@ class ShardServer:
         self.metrics: Any = None  # metrics.ServerMetrics with --metrics-port (imported only then)
         self.servicer: ShardServicer | None = None  # exists from start(); its backend once blocks are loaded
         self._tasks = TaskSet()
+        self._reach: Reachability | None = None  # how the swarm reaches us (direct or relayed), from start()
         self._announce_task: asyncio.Task[Any] | None = None
         self._front: GrpcFront | None = None
         self._metrics_http: Any = None
@@ -165,9 +167,18 @@ class ShardServer:
                 limits=CallLimits(cfg.calls_per_ip_s, cfg.max_calls_in_flight_per_ip),
                 max_receive_bytes=cfg.max_receive_bytes,
             )  # fmt: skip
+            reach = self._reach = Reachability(
+                host=cfg.host, public_address=cfg.public_address, dht_peers=peers, dht=self._dht,
+                model_id=self.model_id, peer_id=self.peer_id, security=self.security, use_relay=cfg.use_relay,
+                relay_limits=cfg.relay,
+            )  # fmt: skip
+            reach.num_blocks = info.family.num_blocks
+            reach.add_services(front._server)  # noqa: SLF001 - --relay: the Relay service shares our gRPC port
             await front.start()
             self.port = front.port
             log.info("gRPC listening on %s (%s; loading blocks)", self.address, self.security.describe())
+            # Dialled back by a dht-node; through a relay if it cannot (re-announced when the relay changes).
+            await reach.start(self.port, self._tasks, self._reannounce)
             self._admin = await start_admin(cfg.admin_socket, self.port, self)
             if cfg.metrics_port is not None:
                 await self._start_metrics(cfg.metrics_port)
@@ -283,7 +294,9 @@ class ShardServer:
         assert blocks is not None
         return ServerRecord(
             peer_id=self.peer_id,
-            address=cfg.public_address or self.address,
+            address=self._reach.address if self._reach and self._reach.address else cfg.public_address or self.address,
+            reachable=self._reach.reachable if self._reach is not None else True,
+            relay=self._reach.relay if self._reach is not None else "",
             next_rtts_ms=self._peer_rtts.snapshot() if self._peer_rtts is not None else {},
             model_id=self.model_id,
             model_hash=self._model_hash,
@@ -302,6 +315,11 @@ class ShardServer:
             version=swarm.__version__,
             adapters=[spec.name for spec in self._adapter_specs],
         )
+
+    async def _reannounce(self) -> None:
+        """Announce at once (the address changed: a new relay)."""
+        if self._announcer is not None and self.state == ServerState.ONLINE:
+            await self._announcer.announce(self.state)
 
     # ---- background work ----------------------------------------------------------------------------------
 
