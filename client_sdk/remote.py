@@ -9,7 +9,10 @@ spreads over the replicas of every block and the servers of a chain work on diff
 walks it in reverse (a server that answers a Backward is over its token limit gets the rows in two halves).
 A hop whose server fails is re-run elsewhere: Forward re-routes from the failed block;
 Backward re-runs the exact hop on another server holding all of it or, if none does, re-runs the forward over
-pieces of the hop and goes back through them, so the gradients stay exact. Up to `max_retries` per hop.
+pieces of the hop and goes back through them, so the gradients stay exact. Like inference sessions, a hop keeps
+going while any route exists, within `failover_budget_s` from its first failure (client_sdk.failover): the
+failed server is banned and the DHT re-read, so dead servers whose records are still live cost one fast
+failure each, never the call.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import torch
 
+from client_sdk.failover import FailoverBudget, refresh_view, reroute
 from client_sdk.routing import Span
 from client_sdk.span_stream import bad_reply
 from client_sdk.transport import ChannelPool, rpc_error
 from client_sdk.tuning import FLOATS, Tuning, TuningGrads, decode_grads
-from swarm.errors import CacheExhausted, InvalidRequest, PollenError, StepTimeout
+from swarm.errors import CacheExhausted, InvalidRequest, MissingBlocks, PollenError, StepTimeout
 from swarm.pb import common_pb2, shard_pb2
 from swarm.tensors import from_proto, to_proto
 
@@ -154,47 +158,76 @@ class RemoteCalls:
     # ---- forward -------------------------------------------------------------------------------------------
 
     async def _forward_hops(
-        self, hidden: torch.Tensor, mask: torch.Tensor | None, start: int, end: int, tuning: Tuning | None
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        start: int,
+        end: int,
+        tuning: Tuning | None,
+        budget: FailoverBudget | None = None,  # a failing Backward hop's, when it re-runs its forward in pieces
     ) -> tuple[torch.Tensor, list[Hop]]:
         """One part through [start, end), hop by hop over throughput-weighted routes."""
         hops: list[Hop] = []
         block = start
         cfg = self.config
         while block < end:
-            attempt = 0
+            hop_budget = budget or FailoverBudget(cfg.failover_budget_s)
+            if hop_budget.failures:  # a split Backward hop: wait for its blocks within the budget
+                route = await reroute(self.view, block, end, hop_budget, mode="max_throughput", backoff_s=cfg.backoff_s)
+            else:
+                route = await self._first_route(block, end)
             while True:
-                route = await self.view.wait_route(
-                    block, end, mode="max_throughput", wait_s=cfg.missing_blocks_wait_s, max_age_s=cfg.max_view_age_s
-                )
                 span = route[0]
                 try:
                     out, _ = await self._call(span, hidden, None, mask, tuning)
                     break
                 except PollenError as e:
-                    attempt = await self._failed(span, "forward", e, attempt)
+                    await self._failed(span, "forward", e, hop_budget)
+                route = await reroute(self.view, block, end, hop_budget, mode="max_throughput", backoff_s=cfg.backoff_s)
             hops.append(Hop(span, hidden))
             hidden, block = out, span.end
         return hidden, hops
 
+    async def _first_route(self, start: int, end: int) -> list[Span]:
+        """A route before anything failed: on the view (re-read if old), waiting `missing_blocks_wait_s` for
+        missing blocks; if every holder of some blocks failed recently (banned by an earlier call), those are
+        tried again rather than failing the call (a restarted server is back; a dead one fails fast)."""
+        cfg = self.config
+        try:
+            return await self.view.wait_route(
+                start, end, mode="max_throughput", wait_s=cfg.missing_blocks_wait_s, max_age_s=cfg.max_view_age_s
+            )
+        except MissingBlocks as e:
+            if not e.retryable:
+                raise
+            try:
+                return self.view.route(start, end, mode="max_throughput", ignore_bans=True)
+            except MissingBlocks:
+                raise e from None
+
     # ---- backward ------------------------------------------------------------------------------------------
 
     async def _backward_hop(
-        self, hop: Hop, grad: torch.Tensor, mask: torch.Tensor | None, tuning: Tuning | None
+        self,
+        hop: Hop,
+        grad: torch.Tensor,
+        mask: torch.Tensor | None,
+        tuning: Tuning | None,
+        budget: FailoverBudget | None = None,  # shared by the pieces of a split hop
     ) -> tuple[torch.Tensor, TuningGrads]:
         """Backward over exactly the hop's blocks: on the server that ran its forward, else on another one
         holding all of them, else over pieces (their forward is re-run first)."""
         start, end = hop.span.start, hop.span.end
         cfg = self.config
-        attempt = 0
+        budget = budget or FailoverBudget(cfg.failover_budget_s)
         span: Span | None = hop.span
         while True:
             if span is None or span.peer_id in self.view.banned():
-                await self.view.wait_route(
-                    start, end, mode="max_throughput", wait_s=cfg.missing_blocks_wait_s, max_age_s=cfg.max_view_age_s
-                )
+                if budget.failures or self.view.age_s() > cfg.max_view_age_s:
+                    await refresh_view(self.view)  # who died, who restarted, who joined since the forward
                 span = self._whole_span(start, end)
             if span is None:
-                return await self._split_backward(start, end, hop.hidden, grad, mask, tuning)
+                return await self._split_backward(start, end, hop.hidden, grad, mask, tuning, budget)
             try:
                 out, grads = await self._call(span, hop.hidden, grad, mask, tuning)
                 return out, grads
@@ -204,7 +237,7 @@ class RemoteCalls:
                 log.info("backward of %d rows on %s: %s; splitting the rows in two", hop.hidden.shape[0], span, e)
                 return await self._backward_halves(Hop(span, hop.hidden), grad, mask, tuning)
             except PollenError as e:
-                attempt = await self._failed(span, "backward", e, attempt)
+                await self._failed(span, "backward", e, budget)
                 span = None
 
     async def _backward_halves(
@@ -248,13 +281,14 @@ class RemoteCalls:
         grad: torch.Tensor,
         mask: torch.Tensor | None,
         tuning: Tuning | None,
+        budget: FailoverBudget,
     ) -> tuple[torch.Tensor, TuningGrads]:
         """Backward over [start, end) when no live server holds all of it: forward the pieces, then back."""
-        _, pieces = await self._forward_hops(hidden, mask, start, end, tuning)
+        _, pieces = await self._forward_hops(hidden, mask, start, end, tuning, budget)
         prompts: list[torch.Tensor] = []
         lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for piece in reversed(pieces):
-            grad, piece_grads = await self._backward_hop(piece, grad, mask, tuning)
+            grad, piece_grads = await self._backward_hop(piece, grad, mask, tuning, budget)
             if piece_grads.prompts is not None:
                 prompts.insert(0, piece_grads.prompts)  # pieces go backwards; prompts are in block order
             lora.update(piece_grads.lora)
@@ -262,16 +296,13 @@ class RemoteCalls:
 
     # ---- one call ------------------------------------------------------------------------------------------
 
-    async def _failed(self, span: Span, kind: str, error: PollenError, attempt: int) -> int:
-        """After a failed call: raise if it cannot be retried, else ban the server, back off, count."""
-        cfg = self.config
-        if not error.retryable or attempt >= cfg.max_retries:
-            raise error
-        attempt += 1
+    async def _failed(self, span: Span, kind: str, error: PollenError, budget: FailoverBudget) -> None:
+        """After a failed call: raise if it cannot be retried or the hop's failover budget is spent, else ban
+        the server (a dead one with a live record is not picked again) and back off."""
+        left = budget.fail(error)
         self.view.ban(span.peer_id)
-        log.warning("%s on %s failed (%s); retry %d/%d", kind, span, error, attempt, cfg.max_retries)
-        await asyncio.sleep(cfg.backoff_s(attempt))
-        return attempt
+        log.warning("%s on %s failed (%s); failover %d, %.0f s left", kind, span, error, budget.failures, left)
+        await budget.backoff(self.config.backoff_s)
 
     async def _call(
         self,
