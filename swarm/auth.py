@@ -83,8 +83,11 @@ class SwarmKey:
             raise SwarmKeyError(f"swarm key file {p} does not exist; {_keygen_hint()}") from None
         except OSError as e:
             raise SwarmKeyError(f"cannot read swarm key file {p}: {e.strerror or e}") from None
-        if p.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warning("swarm key file %s is readable by others; chmod 600 it", p)
+        # Only access by *other* users is a leak: a group may hold the key on purpose (Kubernetes mounts secrets
+        # 0440 with the pod's fsGroup, systemd's LoadCredential and Docker secrets similarly).
+        mode = stat.S_IMODE(p.stat().st_mode)
+        if mode & stat.S_IRWXO:
+            log.warning("swarm key file %s (mode %04o) is accessible to other users; chmod o-rwx it", p, mode)
         text = b"".join(raw.split())
         if not text:
             raise SwarmKeyError(f"swarm key file {p} is empty; {_keygen_hint()}")
