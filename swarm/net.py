@@ -6,7 +6,8 @@ keepalive setting is changed here once. Addresses are "HOST:PORT", with IPv6 lit
 
 Security (private swarms) is built here too, from one `Security` value per process: the swarm key's per-call
 proofs (swarm.auth interceptors) and optional TLS (server certificate + key; clients verify the server
-against a CA). `add_security_args` gives every CLI the same `--swarm-key/--tls-cert/--tls-key/--tls-ca`.
+against a CA). `add_security_args` gives every CLI the same `--swarm-key/--tls-cert/--tls-key/--tls-ca` and
+`--tls-server-name` (the name checked in certificates when peers are dialled by IP address).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +25,10 @@ import grpc
 
 from swarm.access import AccessInterceptor, CallLimits
 from swarm.auth import SwarmKey, auth_client_interceptors, load_swarm_key
+
+# The name to check in servers' certificates when a process dials by IP address but the swarm's certificate names
+# a host (e.g. "pollen"): what --tls-server-name sets, for processes without that flag (clients).
+TLS_SERVER_NAME_ENV = "POLLEN_TLS_SERVER_NAME"
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # a long prefill of a big model is tens of MiB; the gRPC default is 4 MiB
 
@@ -98,6 +104,8 @@ class TlsFiles:
         for flag, path in (("--tls-cert", self.cert), ("--tls-key", self.key), ("--tls-ca", self.ca)):
             if path is not None and not Path(path).expanduser().is_file():
                 raise ValueError(f"{flag} {path}: no such file")
+        if self.server_name is not None and not _HOSTNAME.match(self.server_name):
+            raise ValueError(f"--tls-server-name {self.server_name!r} is not a host name")
 
     @property
     def serves(self) -> bool:
@@ -131,16 +139,25 @@ class Security:
         tls_key: str | None = None,
         tls_ca: str | None = None,
         env: Mapping[str, str] | None = None,
+        tls_server_name: str | None = None,
     ) -> Security:
         """From file paths (CLI flags or a client's keyword arguments); the key may also come from
-        $POLLEN_SWARM_KEY. Raises ValueError (SwarmKeyError) with a message that says what to fix."""
-        tls = TlsFiles(tls_cert, tls_key, tls_ca) if (tls_cert or tls_key or tls_ca) else None
+        $POLLEN_SWARM_KEY and the server name from $POLLEN_TLS_SERVER_NAME (used only with TLS). Raises
+        ValueError (SwarmKeyError) with a message that says what to fix."""
+        environ = os.environ if env is None else env
+        server_name = tls_server_name or environ.get(TLS_SERVER_NAME_ENV, "").strip() or None
+        tls = TlsFiles(tls_cert, tls_key, tls_ca, server_name) if (tls_cert or tls_key or tls_ca) else None
+        if tls_server_name and tls is None:
+            raise ValueError("--tls-server-name needs TLS: give --tls-ca (clients) or --tls-cert/--tls-key")
         return cls(load_swarm_key(swarm_key, env), tls)
 
     def describe(self) -> str:
         """For the startup log line: never the key itself."""
         parts = [f"swarm key {self.swarm_key.key_id}" if self.swarm_key else "no swarm key"]
-        parts.append("TLS" if self.tls is not None else "plaintext gRPC")
+        if self.tls is None:
+            parts.append("plaintext gRPC")
+        else:
+            parts.append(f"TLS (server name {self.tls.server_name})" if self.tls.server_name else "TLS")
         return ", ".join(parts)
 
 
@@ -162,10 +179,18 @@ def add_security_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tls-ca", metavar="PEM", help="dial other processes over TLS and verify them against this CA bundle"
     )
+    group.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="check this name in the certificates of the servers dialled, instead of the host of their address "
+        "(peers announce IP addresses; one certificate for a private swarm may name e.g. `pollen`) "
+        f"(default: ${TLS_SERVER_NAME_ENV} if set)",
+    )
 
 
 def security_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Security:
-    return Security.from_options(args.swarm_key, args.tls_cert, args.tls_key, args.tls_ca, env)
+    server_name = getattr(args, "tls_server_name", None)  # parsers built before the flag existed lack it
+    return Security.from_options(args.swarm_key, args.tls_cert, args.tls_key, args.tls_ca, env, server_name)
 
 
 def open_channel(

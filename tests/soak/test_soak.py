@@ -60,12 +60,6 @@ def swarm(model: Path, request: pytest.FixtureRequest) -> Iterator[MainSwarm]:
         procs.close()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (issue 13 still open): a request that is not valid protobuf gets UNKNOWN (unary: grpc "
-    "deserializes before the handler) or INTERNAL (streams: DecodeError through map_errors) instead of "
-    "INVALID_ARGUMENT, with an ERROR traceback each; no crash, RSS bounded",
-)
 def test_fuzz_every_rpc_and_the_udp_port(swarm: MainSwarm, model: Path, report: SoakReport) -> None:
     fuzz_part(swarm, model.name, SETTINGS[MODE], report)
     assert report.fuzz and all(r.cases == SETTINGS[MODE].fuzz_cases for r in report.fuzz)
@@ -81,11 +75,6 @@ def test_concurrent_clients_leave_no_session_or_cache_bytes(
     assert not report.load.problems(), "\n".join(report.load.problems())
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (issue 13 still open): client_sdk/remote.py (Forward/Backward) raises MissingBlocks when the "
-    "servers it knows are banned instead of re-reading the DHT for a live replica, as generation does",
-)
 def test_kill_servers_and_dht_nodes_during_generation_and_training(
     model: Path, references: list[list[int]], report: SoakReport
 ) -> None:
