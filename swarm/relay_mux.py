@@ -1,7 +1,7 @@
 """Many TCP connections over one Relay.Attach stream: the frame multiplexer both ends of a relay share.
 
 Each relayed connection has a conn_id. Bytes read from its socket travel as `data` frames (<= CHUNK bytes);
-the receiver queues them for its own socket and answers `ack` frames once they are written out. A sender
+the receiver queues them for its own socket and answers `ack` frames once they are written out (in batches). A sender
 never has more than WINDOW unacknowledged bytes per connection (a per-connection window, as SSH channels
 have), so one slow reader holds back only its own connection, never the shared stream, and every buffer is
 bounded: at most WINDOW bytes queued per connection and direction. A peer that sends past the window breaks
@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 CHUNK = 64 << 10  # bytes per data frame: well under every gRPC message limit of the swarm
 WINDOW = 512 << 10  # unacknowledged bytes per connection and direction (= the most queued at the receiver)
+# Written bytes are acknowledged in batches of this many, not per frame: a decode step is a few KiB, so per-frame
+# acks would double the frames per token. No deadlock: a sender blocked on a full window has >= WINDOW bytes out,
+# all of which the receiver writes out (its queue holds them), so its unacknowledged count passes this.
+ACK_EVERY = WINDOW // 4
 
 Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 SendFrame = Callable[[relay_pb2.RelayFrame], Awaitable[None]]
@@ -58,6 +62,7 @@ class _Conn:
     conn_id: int
     queue: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
     queued_bytes: int = 0  # received, not yet written to our socket (bounded by the peer's window)
+    written_unacked: int = 0  # written to our socket, not yet acknowledged to the peer
     unacked: int = 0  # sent, not yet acknowledged by the peer
     window: asyncio.Event = field(default_factory=asyncio.Event)
     peer_closed: bool = False
@@ -179,4 +184,7 @@ class Mux:
                 await writer.drain()
                 conn.queued_bytes -= len(data)
                 self.bytes_out += len(data)
-                await self.send(relay_pb2.RelayFrame(conn_id=conn.conn_id, ack=len(data)))
+                conn.written_unacked += len(data)
+                if conn.written_unacked >= ACK_EVERY:
+                    ack, conn.written_unacked = conn.written_unacked, 0
+                    await self.send(relay_pb2.RelayFrame(conn_id=conn.conn_id, ack=ack))

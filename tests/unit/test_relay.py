@@ -90,6 +90,30 @@ async def test_bytes_cross_the_relay_unchanged(echo: str) -> None:
             await asyncio.gather(runner, return_exceptions=True)
 
 
+async def test_a_client_that_does_not_read_holds_back_only_its_own_connection(echo: str) -> None:
+    async with Relay(RelayLimits(max_bytes_per_s=0)) as relay:
+        agent = RelayAgent(echo, lambda: _const([relay.address]))
+        endpoint = await agent.attach()
+        assert endpoint is not None
+        runner = asyncio.create_task(agent.run())
+        host, _, port = endpoint.address.rpartition(":")
+        try:
+            _, stalled = await asyncio.open_connection(host, int(port))
+            stalled.write(
+                os.urandom(48 * WINDOW)
+            )  # echoed back to a client that never reads (more than socket buffers hold)
+            mux = relay.service.attached[endpoint.address]
+            await _wait(lambda: bool(mux.conns) and next(iter(mux.conns.values())).queued_bytes > 0)
+            # the other connection still gets through at once
+            assert await _roundtrip(endpoint.address, b"x" * 1000) == b"x" * 1000
+            # and nothing queues past the window on the relay or the agent, however much the client sent
+            assert all(c.queued_bytes <= WINDOW for c in mux.conns.values())
+            stalled.close()
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+
 async def test_connections_over_the_limit_are_closed(echo: str) -> None:
     async with Relay(RelayLimits(max_connections=2, max_bytes_per_s=0)) as relay:
         agent = RelayAgent(echo, lambda: _const([relay.address]))
