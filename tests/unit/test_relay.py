@@ -99,9 +99,8 @@ async def test_a_client_that_does_not_read_holds_back_only_its_own_connection(ec
         host, _, port = endpoint.address.rpartition(":")
         try:
             _, stalled = await asyncio.open_connection(host, int(port))
-            stalled.write(
-                os.urandom(48 * WINDOW)
-            )  # echoed back to a client that never reads (more than socket buffers hold)
+            # echoed back to a client that never reads: more than the socket buffers hold
+            stalled.write(os.urandom(48 * WINDOW))
             mux = relay.service.attached[endpoint.address]
             await _wait(lambda: bool(mux.conns) and next(iter(mux.conns.values())).queued_bytes > 0)
             # the other connection still gets through at once
