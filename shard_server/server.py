@@ -318,7 +318,7 @@ class ShardServer:
 
     async def _reannounce(self) -> None:
         """Announce at once (the address changed: a new relay)."""
-        if self._announcer is not None and self.state == ServerState.ONLINE:
+        if self._announcer is not None and self.state != ServerState.OFFLINE:
             await self._announcer.announce(self.state)
 
     # ---- background work ----------------------------------------------------------------------------------
