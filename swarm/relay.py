@@ -27,6 +27,8 @@ from typing import Any
 import grpc
 
 from swarm.access import peer_ip
+from swarm.errors import map_errors
+from swarm.handlers import add_servicer
 from swarm.net import PLAINTEXT, Security, format_address, open_channel, parse_address
 from swarm.pb import relay_pb2, relay_pb2_grpc
 from swarm.relay_mux import CHUNK, ByteRate, Mux
@@ -110,13 +112,19 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         self._listeners: set[asyncio.Server] = set()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        relay_pb2_grpc.add_RelayServicer_to_server(self, server)
+        # frames that are not valid protobuf end the stream with INVALID_ARGUMENT (swarm.handlers)
+        add_servicer(server, self, relay_pb2.DESCRIPTOR.services_by_name["Relay"])
+        lim = self.limits
+        log.info("relaying for up to %d servers behind NAT on %s (ports %s, %d connections and %s bytes/s each)",
+                 lim.max_servers, self.public_host, "any" if lim.ports is None else f"{lim.ports[0]}-{lim.ports[1]}",
+                 lim.max_connections, lim.max_bytes_per_s or "unlimited")  # fmt: skip
 
     async def close(self) -> None:
         for listener in list(self._listeners):
             listener.close()
         await asyncio.gather(*(mux.close_all() for mux in list(self.attached.values())), return_exceptions=True)
 
+    @map_errors
     async def Attach(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         if self._slots >= self.limits.max_servers:
             await context.abort(

@@ -9,9 +9,11 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 
-from swarm.net import bind_server, create_server, format_address
+from swarm.net import bind_server, create_server, format_address, open_channel
+from swarm.pb import relay_pb2, relay_pb2_grpc
 from swarm.relay import RelayAgent, RelayEndpoint, RelayLimits, RelayService
 from swarm.relay_mux import WINDOW, ByteRate
 
@@ -179,6 +181,24 @@ async def test_a_peer_without_the_relay_service_is_skipped(echo: str) -> None:
         assert await agent.attach() is None
     finally:
         await server.stop(0)
+
+
+async def test_attach_refuses_garbage_and_a_missing_hello() -> None:
+    async with Relay(RelayLimits()) as relay:
+        async with open_channel(relay.address) as channel:
+            raw = channel.stream_stream("/pollen.v1.Relay/Attach", request_serializer=None,
+                                        response_deserializer=None)  # fmt: skip
+            call = raw()
+            await call.write(b"\xff\xff\xff")  # not a RelayFrame
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            call = relay_pb2_grpc.RelayStub(channel).Attach()
+            await call.write(relay_pb2.RelayFrame(conn_id=1, data=b"x"))  # data before hello
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "hello" in (err.value.details() or "")
+        assert not relay.service.attached and relay.service._slots == 0
 
 
 async def test_byte_rate_waits_for_the_cost_of_what_passed(monkeypatch: pytest.MonkeyPatch) -> None:
