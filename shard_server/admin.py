@@ -61,9 +61,11 @@ def prepare_socket_path(path: Path) -> None:
         raise ConfigError(f"admin socket path {path} is {len(os.fsencode(path))} bytes long; Unix sockets allow "
                           f"{MAX_SOCKET_PATH_BYTES}: choose a shorter --admin-socket")  # fmt: skip
     folder = path.parent
-    if not folder.exists():
+    try:
         folder.mkdir(mode=0o700, parents=True)
         os.chmod(folder, 0o700)  # mkdir's mode is masked by the umask; make it exact
+    except FileExistsError:  # ours from an earlier start, or a sibling server's: checked below either way
+        pass
     st = os.stat(folder)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"admin socket directory {folder} is not a directory")

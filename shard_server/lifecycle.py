@@ -13,6 +13,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import gc
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 
 import grpc
 import torch
+from torch import nn
 
 from shard_server.announcer import Announcer
 from shard_server.backend import BlockBackend
@@ -27,7 +29,9 @@ from shard_server.cache import SessionCache
 from shard_server.config import ShardServerConfig
 from shard_server.frontend import GrpcFront
 from shard_server.peer_rtt import PeerRtts
+from shard_server.scheduler import Scheduler
 from shard_server.servicer import ShardServicer
+from shard_server.tuning import TuningLimits
 from swarm.blocks import BlockRange
 from swarm.errors import PollenError
 from swarm.records import ServerState
@@ -52,6 +56,7 @@ class LifecycleHost(Protocol):
     blocks: BlockRange | None
     servicer: ShardServicer | None
     cache: SessionCache
+    scheduler: Scheduler
     metrics: Any
     _front: GrpcFront | None
     _announcer: Announcer | None
@@ -117,7 +122,7 @@ class Lifecycle:
             if s._announce_task is not None:
                 s._announce_task.cancel()
             await announcer.announce_offline()  # blocks of the old range; the new range's ONLINE comes later
-            self._unload()
+            await self._unload()
             try:
                 backend = await s._load(target)
             except Exception:
@@ -143,7 +148,7 @@ class Lifecycle:
         try:
             await self._stop_taking_sessions(ServerState.PAUSED, PAUSED_REASON)
             drained = await self._drain(grace, f"{PAUSED_REASON}: continue on another server", t0)
-            self._unload()
+            await self._unload()
         finally:
             self._end()
         ms = (time.monotonic() - t0) * 1000
@@ -233,16 +238,17 @@ class Lifecycle:
         if cache.active_sessions:
             log.warning("%d sessions still open after %.1f s of draining", cache.active_sessions, timeout_s)
 
-    def _unload(self) -> None:
+    async def _unload(self) -> None:
         """Drop the blocks and give their memory back: to the CUDA driver, or on CPU to the OS (glibc keeps
-        freed heap pages for the process otherwise, so RSS would not drop)."""
+        freed heap pages for the process otherwise, so RSS would not drop). Run as a job on the worker: until
+        the worker takes another job, its last one (a step, a load) keeps the old blocks referenced."""
         s = self.server
         assert s.servicer is not None
-        s.servicer.backend = None
-        gc.collect()
-        if s._device.type == "cuda":
-            torch.cuda.empty_cache()
-        _trim_heap()
+        backend, s.servicer.backend = s.servicer.backend, None
+        s.servicer.limits = TuningLimits({}, 0)  # its adapters are weights too; _serve_backend sets them again
+        span = backend.span if backend is not None else None
+        del backend
+        await s.scheduler.run(_release_memory, span, s._device.type == "cuda")
 
     def _later_expiration(self) -> float:
         """Now + ttl, but later than anything announced before (an OFFLINE included, which is stored with the
@@ -253,7 +259,20 @@ class Lifecycle:
         return max(time.time() + s.config.ttl_s, s._announcer.last_expiration + 1.0)
 
 
-def _trim_heap() -> None:
+def _release_memory(span: nn.Module | None, cuda: bool) -> None:
+    """On the worker, between two jobs (so no step or training job is using the blocks)."""
+    if span is not None:
+        # Empty the old blocks' tensors in place: whatever still references the modules (gRPC keeps the last
+        # RPC's error with its traceback, whose frames hold the backend; a training stream between two
+        # requests) then keeps empty shells, not the memory. Quantized weights keep side tensors: drop them too.
+        for t in itertools.chain(span.parameters(), span.buffers()):
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+            for side in ("CB", "SCB", "quant_state"):
+                if getattr(t, side, None) is not None:
+                    setattr(t, side, None)
+    gc.collect()  # the sessions' KV caches and whatever cycles the unload left (objects frozen at start excepted)
+    if cuda:
+        torch.cuda.empty_cache()
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None

@@ -128,6 +128,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         ip = self._enter_stream(context)
         try:
             while (request := await context.read()) is not grpc.aio.EOF:
+                backend = self._ready_backend()  # per request: a pause or a move replaces the blocks
                 blocks = check_target(self.model_id, self.blocks, request, any_sub_range=True)
                 hidden = decode_hidden(request.hidden, "hidden", backend.hidden_size)
                 check_batch_tokens(hidden, self.max_batch_tokens)
@@ -150,6 +151,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         ip = self._enter_stream(context)
         try:
             while (request := await context.read()) is not grpc.aio.EOF:
+                backend = self._ready_backend()  # per request: a pause or a move replaces the blocks
                 request_id, blocks, hidden, grad_output, mask, tuning = self._decode_backward(request, backend)
                 del request  # decoded: while it waits, the request holds its tensors only, not the proto too
                 t0 = time.perf_counter()
