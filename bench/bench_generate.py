@@ -60,7 +60,7 @@ def main() -> None:
     scratch = tempfile.TemporaryDirectory(prefix="pollen-bench-")
     print(f"code: {code_version()}; load average before: {load_average()}", file=sys.stderr)
 
-    rows, hops = [], []
+    rows, hops, procs = [], [], []
     for name in args.models.split(","):
         path = resolve_model(name, Path(scratch.name))
         label = "Petals' small (random)" if name == SMALL else path.name
@@ -86,6 +86,10 @@ def main() -> None:
                     f"{cpu[setup]:.2f}",
                 ]
             )
+        for setup, calls in timings.per_process.items():
+            # median per process over the calls: client (this process), then each server of the chain
+            per_proc = [per_token * median(call[i] for call in calls) for i in range(len(calls[0]))]
+            procs.append([label if setup == "local" else "", setup, " / ".join(f"{ms:.2f}" for ms in per_proc)])
         one, two = setup_name(1), setup_name(2)
         hops.append(
             [label, f"{num_blocks(path)}"]
@@ -104,6 +108,8 @@ def main() -> None:
     print()
     header = ["model", "blocks", "ms added by hop 1 / hop 2", "best: hop 1 / hop 2", "CPU ms: hop 1 / hop 2"]
     print(markdown(header, hops))
+    print()
+    print(markdown(["model", "setup", "CPU ms/token: client (or local) / server 1 / server 2"], procs))
     scratch.cleanup()
 
 

@@ -235,6 +235,8 @@ class Timings:
 
     wall: dict[str, list[float]] = field(default_factory=dict)
     cpu: dict[str, list[float]] = field(default_factory=dict)
+    # per setup, per call: CPU seconds of each process, in order (this one, then server 1, server 2, ...)
+    per_process: dict[str, list[list[float]]] = field(default_factory=dict)
 
 
 def compare_decode(
@@ -270,16 +272,16 @@ def compare_decode(
                 clients.append(client)
                 runners[setup_name(count)] = functools.partial(swarm_generate, client, prompt, new_tokens)
                 pids[setup_name(count)] = [os.getpid()] + [s.popen.pid for s in servers]
-            out = Timings({name: [] for name in runners}, {name: [] for name in runners})
+            out = Timings({name: [] for name in runners}, {name: [] for name in runners}, {n: [] for n in runners})
             names = list(runners)
             for round_ in tqdm(range(repeats + 1), desc=desc or "rounds", leave=False):
                 shift = round_ % len(names)
                 for name in names[shift:] + names[:shift]:
-                    cpu0 = sum(cpu_seconds(pid) for pid in pids[name])
+                    cpu0 = [cpu_seconds(pid) for pid in pids[name]]
                     t0 = time.perf_counter()
                     tokens = runners[name]()
                     elapsed = time.perf_counter() - t0
-                    cpu = sum(cpu_seconds(pid) for pid in pids[name]) - cpu0
+                    cpu = [cpu_seconds(pid) - c for pid, c in zip(pids[name], cpu0, strict=True)]
                     if tokens != expected:
                         first = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), len(tokens))
                         raise AssertionError(
@@ -288,7 +290,8 @@ def compare_decode(
                         )
                     if round_:  # round 0 is the warm-up
                         out.wall[name].append(elapsed)
-                        out.cpu[name].append(cpu)
+                        out.cpu[name].append(sum(cpu))
+                        out.per_process[name].append(cpu)
         finally:
             for client in clients:
                 client.close()

@@ -100,6 +100,10 @@ class Scheduler:
         self._closed = False
         self._last_batch_steps = 0  # steps (sessions) in the last batch, for the gather window
         self._last_batch_s = 0.0
+        # torch's thread count is per thread (OpenMP's setting, MKL's): torch.set_num_threads in the event loop's
+        # thread does not bind this worker, which would start with one OpenMP thread per core, spinning between
+        # steps. So the worker adopts the count of the thread that hands it work (see `_put`).
+        self._threads = torch.get_num_threads()  # wanted on the worker (changed under _cond)
         self._thread = threading.Thread(target=self._run_worker, name="shard-torch", daemon=True)
         self._thread.start()
 
@@ -173,12 +177,14 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise ServerDraining("server is stopping; use another server")
+            self._threads = torch.get_num_threads()  # a few ns; follows a later torch.set_num_threads too
             queue.append(item)
             self._cond.notify()
 
     # ---- worker side ----------------------------------------------------------------------------------
 
     def _run_worker(self) -> None:
+        applied = 0  # the thread count set on this thread (0: none yet: the process default is one per core)
         while True:
             with self._cond:
                 while not (self._closed or self._control or self._steps or self._training):
@@ -186,6 +192,10 @@ class Scheduler:
                 if self._closed:
                     return
                 work = self._take()
+                threads = self._threads
+            if threads != applied:
+                torch.set_num_threads(threads)  # this thread's own OpenMP/MKL setting
+                applied = threads
             if isinstance(work, _Job):
                 self._run_job(work)
             else:
