@@ -260,6 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))  # exits 2 with usage
     setup_logging(config.log_level)
+    if config.num_threads is not None:
+        # Before torch is imported: OpenMP and MKL read these once, for every thread (torch.set_num_threads binds
+        # only the thread that calls it; the scheduler's worker sets its own too).
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(config.num_threads)
     # Heavy imports only once the flags are usable.
     from swarm.model_files import ModelNotFound, resolve_model_path
 
