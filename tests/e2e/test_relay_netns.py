@@ -4,21 +4,25 @@
 binds 127.0.0.1 only, so nobody can dial it but it can dial out. The dht-node's dial-back fails, the server
 attaches to the dht-node's relay and announces the lent address; a client in "pub" generates through both
 servers (push on) and must get exactly the tokens plain transformers computes here. A direct dial from "pub"
-to the nat server must fail (the setup really hides it).
+to the nat server must fail (the setup really hides it). When that relay (a dht-node) stops, the server attaches
+to the second dht-node's relay, re-announces, and generation works again.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from tests.launcher import BIN
+from tests.launcher import BIN, Proc
 from tests.netns import NetnsPair, NetnsProcesses, unavailable_reason
 
 pytestmark = pytest.mark.e2e
@@ -77,38 +81,73 @@ def reference(tiny_llama: Path) -> list[int]:
     return out[0, len(PROMPT) :].tolist()
 
 
-def test_server_behind_nat_is_reached_through_the_relay(
-    netns: NetnsPair, tiny_llama: Path, reference: list[int], request: pytest.FixtureRequest
-) -> None:
+@dataclass
+class Swarm:
+    procs: NetnsProcesses
+    relays: list[Proc]  # dht-nodes with --relay, in "pub"
+    public: Proc  # blocks 0:2, in "pub"
+    hidden: Proc  # blocks 2:4, in "nat", bound to 127.0.0.1
+
+
+@pytest.fixture(scope="module")
+def swarm(netns: NetnsPair, tiny_llama: Path, request: pytest.FixtureRequest) -> Iterator[Swarm]:
     procs = NetnsProcesses()
-    failed = True
+    failed_before = request.session.testsfailed
     try:
-        dht = procs.spawn_in(netns.pub, "dht", [str(BIN / "dht-node"), "--bootstrap", "--relay"], netns.pub_ip)
-        procs.wait_ready(dht)
-        server = [str(BIN / "shard-server"), "--model", str(tiny_llama), "--initial-peers", dht.address,
-                  "--throughput", "100", "--network-mbps", "1000"]  # fmt: skip
+        first = procs.spawn_in(netns.pub, "dht0", [str(BIN / "dht-node"), "--bootstrap", "--relay"], netns.pub_ip)
+        procs.wait_ready(first)
+        second = procs.spawn_in(netns.pub, "dht1", [str(BIN / "dht-node"), "--initial-peers", first.address,
+                                                    "--relay"], netns.pub_ip)  # fmt: skip
+        procs.wait_ready(second)
+        server = [str(BIN / "shard-server"), "--model", str(tiny_llama), "--throughput", "100", "--network-mbps",
+                  "1000", "--initial-peers", f"{first.address},{second.address}"]  # fmt: skip
         public = procs.spawn_in(netns.pub, "server-pub", [*server, "--blocks", "0:2"], netns.pub_ip)
         # Binds 127.0.0.1 in its namespace: dialling 10.x.y.2 reaches nothing, as behind a NAT.
         hidden = procs.spawn_in(netns.nat, "server-nat", [*server, "--blocks", "2:4"], "127.0.0.1")
         procs.wait_ready(public)
         procs.wait_ready(hidden)
-        hidden_port = hidden.address.rpartition(":")[2]
-
-        done = procs.run_in(netns.pub, [sys.executable, "-c", CLIENT, dht.address, str(tiny_llama), netns.nat_ip,
-                                        hidden_port, json.dumps(PROMPT), str(NEW_TOKENS)])  # fmt: skip
-        assert done.returncode == 0, done.stderr[-4000:]
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-
-        assert result["direct"] in ("ConnectionRefusedError", "TimeoutError"), result["direct"]
-        (record,) = result["records"]
-        assert record["reachable"] is False and record["relay"] == dht.address
-        relay_host, _, relay_port = record["address"].rpartition(":")
-        assert relay_host == netns.pub_ip and relay_port != hidden_port
-        assert "NOT reachable from the swarm" in hidden.log() and "attached to relay" in hidden.log()
-        assert result["tokens"] == reference
-        assert "relaying server" in dht.log()
-        failed = False
+        yield Swarm(procs, [first, second], public, hidden)
     finally:
-        if failed or request.session.testsfailed:
+        if request.session.testsfailed > failed_before:
             print(procs.logs())
         procs.close()
+
+
+def generate_in_pub(swarm: Swarm, netns: NetnsPair, model: Path, dht: str) -> dict[str, Any]:
+    port = swarm.hidden.address.rpartition(":")[2]
+    argv = [sys.executable, "-c", CLIENT, dht, str(model), netns.nat_ip, port, json.dumps(PROMPT), str(NEW_TOKENS)]
+    done = swarm.procs.run_in(netns.pub, argv)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_server_behind_nat_is_reached_through_the_relay(
+    swarm: Swarm, netns: NetnsPair, tiny_llama: Path, reference: list[int]
+) -> None:
+    relay = swarm.relays[0]
+    result = generate_in_pub(swarm, netns, tiny_llama, relay.address)
+    assert result["direct"] in ("ConnectionRefusedError", "TimeoutError"), result["direct"]  # really hidden
+    (record,) = result["records"]
+    assert record["reachable"] is False and record["relay"] == relay.address
+    host, _, port = record["address"].rpartition(":")
+    assert host == netns.pub_ip and port != swarm.hidden.address.rpartition(":")[2]
+    log = swarm.hidden.log()
+    assert "NOT reachable from the swarm" in log and f"attached to relay {relay.address}" in log
+    assert "reachable: a dht-node dialled us" in swarm.public.log()
+    assert result["tokens"] == reference
+    assert "relaying server" in relay.log()
+
+
+def test_server_moves_to_another_relay_when_its_relay_goes_away(
+    swarm: Swarm, netns: NetnsPair, tiny_llama: Path, reference: list[int]
+) -> None:
+    first, second = swarm.relays
+    swarm.procs.stop(first)
+    deadline = time.monotonic() + 60
+    while f"attached to relay {second.address}" not in swarm.hidden.log():
+        assert time.monotonic() < deadline, "the server did not attach to the second relay"
+        time.sleep(0.1)
+    result = generate_in_pub(swarm, netns, tiny_llama, second.address)
+    (record,) = result["records"]
+    assert record["relay"] == second.address and record["address"].startswith(f"{netns.pub_ip}:")
+    assert result["tokens"] == reference
