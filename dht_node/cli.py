@@ -66,7 +66,7 @@ examples:
   dht-node --bootstrap --host 0.0.0.0 --announce-host 203.0.113.7 --relay --relay-ports 40000-40099
 
 servers behind NAT: every shard server asks a dht-node to dial it back (Dht.CheckReachable; only the
-  caller's own IP is dialled, a few times a minute at most). One that cannot be dialled attaches to a
+  caller's own IP is dialled, one check at a time per IP). One that cannot be dialled attaches to a
   node started with --relay, which lends it a TCP port from --relay-ports on this host.""",
     )
     join = p.add_mutually_exclusive_group(required=True)

@@ -72,17 +72,20 @@ class RelayLimits:
 def add_relay_args(parser: argparse.ArgumentParser) -> None:
     """--relay and its limits, the same on dht-node and shard-server."""
     d = RelayLimits()
+    # the shard-server's formatter appends defaults itself; the dht-node's does not
+    appends_defaults = issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+    dflt = "" if appends_defaults else " (default: %(default)s)"
     g = parser.add_argument_group("relaying for peers behind NAT")
     g.add_argument("--relay", action="store_true",
                    help="lend TCP ports on this host to servers that cannot be dialled (NAT): each keeps one "
                         "outbound stream here and clients reach it through the lent port")  # fmt: skip
-    g.add_argument("--relay-max-servers", type=int, default=d.max_servers, help="servers relayed at once")
+    g.add_argument("--relay-max-servers", type=int, default=d.max_servers, help="servers relayed at once" + dflt)
     g.add_argument("--relay-max-connections", type=int, default=d.max_connections,
-                   help="client connections per relayed server; more are closed (with a log line)")  # fmt: skip
+                   help="client connections per relayed server; more are closed (with a log line)" + dflt)  # fmt: skip
     g.add_argument("--relay-max-bytes-per-s", type=int, default=d.max_bytes_per_s,
-                   help="bytes per second relayed for one server, both directions (0 = unlimited)")  # fmt: skip
+                   help="bytes per second relayed for one server, both directions (0 = unlimited)" + dflt)  # fmt: skip
     g.add_argument("--relay-ports", default="0",
-                   help="ports lent to relayed servers: LOW-HIGH, or 0 = any free port")  # fmt: skip
+                   help="ports lent to relayed servers: LOW-HIGH, or 0 = any free port" + dflt)  # fmt: skip
 
 
 def relay_limits_from_args(args: argparse.Namespace) -> RelayLimits | None:
