@@ -73,7 +73,8 @@ def add_relay_args(parser: argparse.ArgumentParser) -> None:
     """--relay and its limits, the same on dht-node and shard-server."""
     d = RelayLimits()
     # the shard-server's formatter appends defaults itself; the dht-node's does not
-    appends_defaults = issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+    formatter = parser.formatter_class
+    appends_defaults = isinstance(formatter, type) and issubclass(formatter, argparse.ArgumentDefaultsHelpFormatter)
     dflt = "" if appends_defaults else " (default: %(default)s)"
     g = parser.add_argument_group("relaying for peers behind NAT")
     g.add_argument("--relay", action="store_true",
