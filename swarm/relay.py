@@ -113,6 +113,7 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         self.public_host = public_host
         self.attached: dict[str, Mux] = {}  # public address lent -> the server's multiplexer
         self._slots = 0  # Attach calls holding a server slot (also those still saying hello)
+        self._slots_by_ip: dict[str, int] = {}
         self._listeners: set[asyncio.Server] = set()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -134,11 +135,20 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"this peer relays {self.limits.max_servers} servers already"
             )
+        # One address may hold at most half the slots (several servers behind one NAT are fine, one caller
+        # taking every slot is not).
+        ip = peer_ip(context.peer() or "")
+        if self._slots_by_ip.get(ip, 0) >= max(1, self.limits.max_servers // 2):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{ip} has its share of relayed servers here")
         self._slots += 1
+        self._slots_by_ip[ip] = self._slots_by_ip.get(ip, 0) + 1
         try:
             await self._attach(context)
         finally:
             self._slots -= 1
+            self._slots_by_ip[ip] -= 1
+            if not self._slots_by_ip[ip]:
+                del self._slots_by_ip[ip]
 
     async def _attach(self, context: grpc.aio.ServicerContext) -> None:
         try:
