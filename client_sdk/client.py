@@ -4,6 +4,7 @@ The path of one token: `_generate_ids` embeds it locally -> `InferenceSession.st
 through the cheapest chain of servers, one `_span_step` per server (surviving servers that die) ->
 `SpanStream` (span_stream.py) writes and reads that server's stream -> back here, the local norm + LM head
 and `sample` (sampling.py) pick the next token. With push, one stream write per token and one read per server.
+With `draft_model=`, speculative.py drafts several tokens locally and verifies them in one such trip.
 `SwarmClient` (blocking.py) is the blocking facade for plain scripts.
 """
 

@@ -104,8 +104,10 @@ class TransformersDraft(Draft):
         extra = self.cache.get_seq_length() - position
         if extra > 0:
             self.cache.crop(-extra)  # transformers 5.x: a negative count removes that many tokens from the end
+        device = next(self.model.parameters()).device  # the draft may sit on a GPU
         with torch.inference_mode():
-            return self.model(input_ids=ids, cache=self.cache, use_cache=True).logits  # type: ignore[no-any-return]
+            out = self.model(input_ids=ids.to(device), cache=self.cache, use_cache=True)
+            return out.logits.cpu()  # type: ignore[no-any-return]
 
     def end(self) -> None:
         self.cache = None

@@ -178,7 +178,7 @@ def test_refused_clearly(client: SwarmClient) -> None:
 
 def test_speculative_sampling_runs_seeded(client: SwarmClient) -> None:
     """Sampling accepts drafts by the speculative-sampling rule (its distribution is checked in
-    tests/unit/test_speculative.py): here, the same seed gives the same tokens, and a draft equal to the target
+    tests/unit/test_speculative_rules.py): here, the same seed gives the same tokens, and a draft equal to the target
     has every draft accepted (p == q)."""
     kw = {"do_sample": True, "temperature": 0.8, "top_k": 40, "seed": 5, "eos_token_id": None}
     a = client.generate(PROMPT, 16, draft_model="self:4", **kw)
@@ -207,6 +207,29 @@ def test_hf_assisted_generation(
         out = model.generate(ids, assistant_model=assistant, **greedy(NEW))
         assert out.tolist() == ref.tolist()
         assert any(c < 0 for c in crops)  # drafts were rejected and the servers rolled back
+    finally:
+        model.client.close()
+
+
+def test_hf_assisted_sampling_and_self_speculation(
+    swarm: Swarm, tiny_llama: Path, local: LlamaForCausalLM, noised_model: Path
+) -> None:
+    """Seeded assisted sampling draws exactly what local transformers draws with the same assistant (the target
+    logits are the same, so transformers' speculative sampling consumes the same random numbers); and the target's
+    first blocks as a transformers assistant (`num_hidden_layers=N`: self-speculation in transformers' terms)."""
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=[swarm.dht.address])
+    try:
+        ids = torch.tensor([PROMPT])
+        assistant = LlamaForCausalLM.from_pretrained(noised_model).eval()
+        kw = {**greedy(16), "do_sample": True, "temperature": 0.7, "top_k": 30}
+        torch.manual_seed(11)
+        ref = local.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=assistant, **kw)  # type: ignore[arg-type]
+        torch.manual_seed(11)
+        assert model.generate(ids, assistant_model=assistant, **kw).tolist() == ref.tolist()
+
+        shallow = LlamaForCausalLM.from_pretrained(tiny_llama, num_hidden_layers=2).eval()
+        ref = local.generate(ids, attention_mask=torch.ones_like(ids), **greedy(NEW))  # type: ignore[arg-type]
+        assert model.generate(ids, assistant_model=shallow, **greedy(NEW)).tolist() == ref.tolist()
     finally:
         model.client.close()
 
