@@ -7,6 +7,7 @@ first, then other servers of the model that announce themselves reachable (a pee
 answers UNIMPLEMENTED and the next is tried). It then announces the relay's lent HOST:PORT as its address and
 the relay's gRPC address in `relay`; when the relay stream breaks it attaches again and re-announces.
 
+`--public-address` wins: it is checked (at its port) and the answer announced, but never replaced by a relay.
 `--use-relay never` skips all of this (reachable is announced as True, as before); `always` attaches even
 when reachable (benchmarks, tests). With `--relay` the server also relays for others on its own host.
 """
@@ -118,6 +119,12 @@ class Reachability:
             self.reachable = answer.reachable
             if answer.reachable:
                 log.info("reachable: a dht-node dialled us at %s", answer.observed_address)
+                return
+            if self.public_address:
+                # The operator said how we are reached (port forwarding, a load balancer): that address wins.
+                log.warning("NOT reachable from the swarm at the port of --public-address %s (%s); announcing "
+                            "it anyway (without it, a relay would be used)", self.public_address,
+                            answer.error)  # fmt: skip
                 return
             log.warning("NOT reachable from the swarm (%s); attaching to a relay", answer.error)
         else:

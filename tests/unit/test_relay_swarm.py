@@ -7,6 +7,7 @@ relay is forced, which exercises the same path (announce the lent address, clien
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -116,3 +117,23 @@ async def test_a_server_with_relay_lends_a_port_when_the_dht_node_does_not(dht: 
             record = relayed.record
             assert record is not None and record.relay == helper.address and not record.reachable
             assert await _generate(dht, tiny_llama) == _reference(tiny_llama)
+
+
+async def test_auto_announces_reachable_servers_directly_and_public_address_wins(tiny_llama: Path) -> None:
+    node = DhtNode(host="127.0.0.1", port=0, relay=RelayLimits())
+    await asyncio.wait_for(node.start(), WAIT_TIMEOUT_S)
+    with socket.socket() as s:  # a port nobody listens on: the "forwarded" port that does not work
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    try:
+        async with (
+            running(_config(tiny_llama, (0, 2), node)) as direct,
+            running(_config(tiny_llama, (2, 4), node, public_address=closed)) as forwarded,
+        ):
+            record = direct.record
+            assert record is not None and record.reachable and record.relay == "" and record.address == direct.address
+            record = forwarded.record
+            assert record is not None and not record.reachable and record.relay == "" and record.address == closed
+            assert node.relay is not None and not node.relay.attached
+    finally:
+        await node.stop(grace_s=0)
