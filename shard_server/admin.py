@@ -6,8 +6,8 @@ works. It is never served on the swarm's TCP port: who can reach the socket file
 Who may connect is the file system's business: the socket lives in a directory of its owner's with mode 0700
 (created so if missing; an existing one that group or others can enter, or that belongs to someone else, is
 refused at start), and the socket file itself is 0600. Without --admin-socket each server takes
-`$XDG_RUNTIME_DIR/pollen/shard-<port>.sock` (else `~/.cache/pollen/run/shard-<port>.sock`), logged at start and
-removed at stop.
+`$XDG_RUNTIME_DIR/pollen/shard-<port>.sock` (else `$XDG_CACHE_HOME/pollen/run/shard-<port>.sock`, ~/.cache by
+default), logged at start and removed at stop.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def default_socket_dir() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and Path(runtime).is_dir():
         return Path(runtime) / "pollen"
-    return Path.home() / ".cache" / "pollen" / "run"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "pollen" / "run"
 
 
 def default_socket_path(port: int) -> Path:

@@ -173,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-socket", metavar="PATH", default="auto",
                    help="Unix socket of the local admin endpoint (`pollen server pause|resume|status`), mode 0600 "
                         "in a directory of yours that only you can enter (created 0700); auto = "
-                        "$XDG_RUNTIME_DIR/pollen/shard-PORT.sock, else ~/.cache/pollen/run/shard-PORT.sock; off = "
-                        "no admin endpoint")
+                        "$XDG_RUNTIME_DIR/pollen/shard-PORT.sock, else "
+                        "${XDG_CACHE_HOME:-~/.cache}/pollen/run/shard-PORT.sock; off = no admin endpoint")
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="log level (default: $POLLEN_LOG_LEVEL or INFO)")
     # fmt: on

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -112,9 +113,7 @@ async def generate(dht_address: str, model: Path) -> tuple[list[int], list[str]]
     return list(tokens), live
 
 
-async def test_pause_moves_the_generation_and_resume_brings_the_server_back(
-    model: Path, reference: list[int]
-) -> None:
+async def test_pause_moves_the_generation_and_resume_brings_the_server_back(model: Path, reference: list[int]) -> None:
     with SwarmProcesses() as procs:
         try:
             await scenario(procs, model, reference)
@@ -125,14 +124,30 @@ async def test_pause_moves_the_generation_and_resume_brings_the_server_back(
 
 async def scenario(procs: SwarmProcesses, model: Path, reference: list[int]) -> None:
     dht = await asyncio.to_thread(procs.start_dht)
-    socks = [procs.workdir / "admin" / f"server-{i}.sock" for i in range(2)]
+    # server-0 is given its socket; server-1 takes the default one (under $XDG_CACHE_HOME, which the launcher
+    # points at its work dir, unless $XDG_RUNTIME_DIR is set) and logs it.
+    flags = [["--admin-socket", str(procs.workdir / "admin" / "server-0.sock")], []]
     servers = [
-        procs.start_server(model, f"0:{NUM_BLOCKS}", [dht.address], "--throughput", "100", "--network-mbps", "1000",
-                           "--admin-socket", str(sock), name=f"server-{i}", wait=False)  # fmt: skip
-        for i, sock in enumerate(socks)
+        procs.start_server(
+            model,
+            f"0:{NUM_BLOCKS}",
+            [dht.address],
+            "--throughput",
+            "100",
+            "--network-mbps",
+            "1000",
+            *extra,
+            name=f"server-{i}",
+            wait=False,
+        )
+        for i, extra in enumerate(flags)
     ]
     for server in servers:
         await asyncio.to_thread(procs.wait_ready, server)
+    socks = [Path(m.group(1)) for server in servers if (m := re.search(r"admin socket (\S+) ", server.log()))]
+    assert socks[0] == procs.workdir / "admin" / "server-0.sock"
+    port = servers[1].address.rsplit(":", 1)[1]
+    assert socks[1].name == f"shard-{port}.sock" and socks[1].parent.name in ("pollen", "run"), socks
     before = [await asyncio.to_thread(pollen_server, "status", sock) for sock in socks]
     peers = [s["peer_id"] for s in before]
     assert [s["state"] for s in before] == ["online", "online"]
@@ -156,8 +171,11 @@ async def scenario(procs: SwarmProcesses, model: Path, reference: list[int]) -> 
     q = 1 - p
     assert (paused["changed"], paused["state"], paused["sessions_closed"]) == (True, "paused", 1)
     assert paused["peer_id"] == peers[p]
-    print(f"\npause --grace 0 with 1 open session: last session gone after {paused['sessions_gone_ms']:.0f} ms "
-          f"(server), pause took {paused['transition_ms']:.0f} ms, pause call {pause_call_ms:.0f} ms (CLI)")  # fmt: skip
+    gone_ms, took_ms = paused["sessions_gone_ms"], paused["transition_ms"]
+    print(
+        f"\npause --grace 0 with 1 open session: last session gone after {gone_ms:.0f} ms (server), pause took "
+        f"{took_ms:.0f} ms, pause call {pause_call_ms:.0f} ms (CLI)"
+    )
 
     # 2. Paused: no weights, less memory, same peer id, still announced (as PAUSED), Info says so.
     status = await asyncio.to_thread(pollen_server, "status", socks[p])

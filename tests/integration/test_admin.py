@@ -94,6 +94,9 @@ def test_default_path_is_per_port_in_the_runtime_dir(tmp_path: Path, monkeypatch
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert default_socket_path(31330) == tmp_path / "pollen" / "shard-31330.sock"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_socket_path(31330) == tmp_path / "cache" / "pollen" / "run" / "shard-31330.sock"
+    monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_socket_path(31330) == Path.home() / ".cache" / "pollen" / "run" / "shard-31330.sock"
 
 
