@@ -162,6 +162,12 @@ def test_eos_stops_at_the_same_token(client: SwarmClient, reference: list[int]) 
     assert client.generate(PROMPT, NEW, eos_token_id=eos, draft_model="self:2") == plain
 
 
+def test_short_generations(client: SwarmClient, reference: list[int]) -> None:
+    for n in (1, 2, 3):  # no room for drafts at first, then one, then two
+        assert client.generate(PROMPT, n, min_new_tokens=n, draft_model="self:4") == reference[:n]
+    assert client.generate(PROMPT, 0, draft_model="self:4") == []
+
+
 def test_stream_with_a_draft(client: SwarmClient, reference: list[int]) -> None:
     tokens = list(client.stream(PROMPT, NEW, eos_token_id=None, draft_model="self:2"))
     assert tokens == reference
