@@ -14,6 +14,13 @@ in arrival order, every step over the same blocks joins the first one's batch wh
 `max_batch_tokens` rows (batch x new tokens), and the batch runs as one `BlockBackend.step`. Decode steps,
 prefills and left-padded steps all batch alike. Whether batching is faster at all is measured at start-up
 (`startup.measure_throughput`); `batching=False` runs every step alone.
+
+A lone session's small step may skip the worker (`run_now`): when the worker is idle, nothing is queued and no
+other session is open, nothing could batch with it, and handing it to the worker and back (a futex wake-up of
+the worker, a self-pipe wake-up of the event loop, two Futures) would cost each token two thread switches, which
+on a busy machine means two waits for a core. The step then runs on the event loop's thread, the worker waits
+meanwhile (so the model still runs on one thread at a time), and the event loop is blocked for at most one small
+step (INLINE_MAX_ROWS).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BATCH_WINDOW_MAX_S = 0.01  # longest wait for the rest of a batch (see Scheduler._gather_window)
+INLINE_MAX_ROWS = 32  # largest step (batch x new tokens) `run_now` runs on the event loop (decode, short prefill)
 
 # on_batch(steps, rows, seconds): called on the worker after each executed inference batch
 BatchHook = Callable[[int, int, float], None]
@@ -98,6 +106,7 @@ class Scheduler:
         self._training: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._busy = False  # the worker (or `run_now` on the event loop) is running something
         self._last_batch_steps = 0  # steps (sessions) in the last batch, for the gather window
         self._last_batch_s = 0.0
         # torch's thread count is per thread (OpenMP's setting, MKL's): torch.set_num_threads in the event loop's
@@ -148,6 +157,28 @@ class Scheduler:
         self._put(self._steps, step)
         return step
 
+    def run_now(self, backend: BlockBackend, item: StepItem) -> torch.Tensor | None:
+        """Run one small step at once on this (the event loop's) thread if the worker is idle and nothing is
+        queued; None if not (then `submit` it). The caller knows that no other session could batch with it."""
+        if item.rows > INLINE_MAX_ROWS:
+            return None
+        with self._cond:
+            if self._busy or self._closed or self._control or self._steps or self._training:
+                return None
+            self._busy = True  # the worker takes nothing until this step is done
+        try:
+            t0 = time.perf_counter()
+            (out,) = backend.step([item])
+            elapsed = time.perf_counter() - t0
+            self._last_batch_steps, self._last_batch_s = 1, elapsed
+            if self.on_batch is not None:
+                self.on_batch(1, item.rows, elapsed)
+            return out
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify()  # work queued meanwhile (a Forward, a control job) is the worker's now
+
     def close(self) -> None:
         """Fail everything still queued and let the worker exit after its current item (see `join`)."""
         with self._cond:
@@ -187,19 +218,24 @@ class Scheduler:
         applied = 0  # the thread count set on this thread (0: none yet: the process default is one per core)
         while True:
             with self._cond:
-                while not (self._closed or self._control or self._steps or self._training):
+                while not (self._closed or (not self._busy and (self._control or self._steps or self._training))):
                     self._cond.wait()
                 if self._closed:
                     return
+                self._busy = True  # before _take: its gather window lets go of the lock
                 work = self._take()
                 threads = self._threads
-            if threads != applied:
-                torch.set_num_threads(threads)  # this thread's own OpenMP/MKL setting
-                applied = threads
-            if isinstance(work, _Job):
-                self._run_job(work)
-            else:
-                self._run_steps(work)
+            try:
+                if threads != applied:
+                    torch.set_num_threads(threads)  # this thread's own OpenMP/MKL setting
+                    applied = threads
+                if isinstance(work, _Job):
+                    self._run_job(work)
+                else:
+                    self._run_steps(work)
+            finally:
+                with self._cond:
+                    self._busy = False
 
     def _take(self) -> _Job | list[PendingStep]:
         """Pick the next item under the lock (see the module docstring for the order and the batching rule)."""

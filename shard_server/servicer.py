@@ -218,8 +218,11 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 step_id = step.step_id
                 item = decode_step(session, step, backend.hidden_size, self.max_batch_tokens)
                 t0 = time.perf_counter()
-                pending = self.scheduler.submit(backend, item)
-                out = await pending.result()
+                # Alone on this server, a small step runs right here (nothing could batch with it; see scheduler.py)
+                out = self.scheduler.run_now(backend, item) if len(self._inboxes) == 1 else None
+                if out is None:
+                    pending = self.scheduler.submit(backend, item)
+                    out = await pending.result()
                 session.length = step.position + item.hidden.shape[1]
                 session.last_active = time.monotonic()
                 session.in_step = False
