@@ -134,6 +134,7 @@ def test_server_behind_nat_is_reached_through_the_relay(
     log = swarm.hidden.log()
     assert "NOT reachable from the swarm" in log and f"attached to relay {relay.address}" in log
     assert "reachable: a dht-node dialled us" in swarm.public.log()
+    assert "push of step" not in swarm.public.log()  # pushes to the relayed address went through
     assert result["tokens"] == reference
     assert "relaying server" in relay.log()
 

@@ -105,6 +105,8 @@ async def test_servers_reached_only_through_the_dht_nodes_relay_generate_exactly
                 assert record is not None and not record.reachable and record.relay == node.address
                 assert record.address != server.address and record.address in node.relay.attached  # type: ignore[union-attr]
             assert await _generate(node, tiny_llama) == _reference(tiny_llama)
+            assert a.servicer is not None and b.record is not None
+            assert a.servicer.pusher.peers == [b.record.address]  # a pushed to b at its relayed address
             # every byte of the generation went through the relay (push from a to b included)
             assert all(mux.bytes_in and mux.bytes_out for mux in node.relay.attached.values())  # type: ignore[union-attr]
     finally:
