@@ -142,7 +142,10 @@ class Mux:
             upstream = asyncio.create_task(self._upstream(conn, reader), name=f"relay-up-{conn.conn_id}")
             conn.tasks.append(upstream)
             # Either direction ending ends the connection: gRPC never half-closes a TCP connection.
-            await asyncio.wait({downstream, upstream}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({downstream, upstream}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:  # a send on a stream that just ended: the connection ends with it, quietly
+                if not task.cancelled() and task.exception() is not None:
+                    log.debug("relay %s: connection %d: %s", self.name, conn.conn_id, task.exception())
         except (TimeoutError, OSError) as e:
             log.info("relay %s: connection %d failed: %s", self.name, conn.conn_id, e)
         finally:
