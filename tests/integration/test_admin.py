@@ -18,6 +18,8 @@ import grpc
 import pytest
 import pytest_asyncio
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from shard_server import ShardServer, ShardServerConfig
 from shard_server.admin import default_socket_path, prepare_socket_path
@@ -131,6 +133,15 @@ async def shard(server: ShardServer) -> AsyncIterator[shard_pb2_grpc.ShardStub]:
         yield shard_pb2_grpc.ShardStub(channel)
 
 
+async def health(channel: grpc.aio.Channel, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT_S)
+    return int(reply.status)
+
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 async def expect_error(coro: object, code: grpc.StatusCode, *words: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await asyncio.wait_for(coro, TIMEOUT_S)  # type: ignore[arg-type]
@@ -158,6 +169,19 @@ async def test_socket_is_private(server: ShardServer, socket_path: Path) -> None
     assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(socket_path.parent).st_mode) == 0o700
     assert stat.S_ISSOCK(os.stat(socket_path).st_mode)
+
+
+async def test_socket_serves_health_and_reflection(server: ShardServer, socket_path: Path) -> None:
+    async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
+        assert await health(channel, "pollen.v1.Admin") == SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = [s.name async for reply in replies for s in reply.list_services_response.service]
+    assert "pollen.v1.Admin" in names and "grpc.health.v1.Health" in names
+    async with grpc.aio.insecure_channel(server.address) as channel:  # the swarm's port has no Admin service
+        await expect_error(
+            channel.unary_unary("/pollen.v1.Admin/Pause")(b"", timeout=TIMEOUT_S), grpc.StatusCode.UNIMPLEMENTED
+        )
 
 
 async def test_status_describes_the_server(admin: admin_pb2_grpc.AdminStub, server: ShardServer) -> None:
@@ -208,6 +232,8 @@ async def test_pause_closes_sessions_refuses_new_ones_and_resume_serves_again(
     await expect_error(open_session(shard), grpc.StatusCode.UNAVAILABLE, "paused")
     info = await shard.Info(shard_pb2.InfoRequest(), timeout=TIMEOUT_S)
     assert (info.state, info.peer_id) == ("paused", server.peer_id)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        assert await health(channel) == NOT_SERVING
     again = await admin.Pause(admin_pb2.PauseRequest(), timeout=TIMEOUT_S)
     assert (again.changed, again.state) == (False, "paused") and "already paused" in again.message
 
@@ -217,6 +243,8 @@ async def test_pause_closes_sessions_refuses_new_ones_and_resume_serves_again(
     assert resumed.throughput_tps == 100.0  # not re-measured
     info = await shard.Info(shard_pb2.InfoRequest(), timeout=TIMEOUT_S)
     assert info.state == "online"
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        assert await health(channel) == SERVING
     call = await open_session(shard)
     await call.done_writing()
     assert await asyncio.wait_for(call.code(), TIMEOUT_S) == grpc.StatusCode.OK
