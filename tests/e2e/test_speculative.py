@@ -213,6 +213,9 @@ def test_hf_assisted_generation(
         out = model.generate(ids, assistant_model=assistant, **greedy(NEW))
         assert out.tolist() == ref.tolist()
         assert any(c < 0 for c in crops)  # drafts were rejected and the servers rolled back
+        # prompt lookup (drafts copied from earlier n-grams, no draft model) is assisted generation too
+        out = model.generate(ids, prompt_lookup_num_tokens=3, **greedy(NEW))
+        assert out.tolist() == ref.tolist()
     finally:
         model.client.close()
 
