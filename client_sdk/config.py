@@ -19,12 +19,10 @@ class ClientConfig:
     open_timeout_s: float = 30.0  # a server answering `open` (it may have to allocate the KV cache)
     step_timeout_s: float = 60.0  # one step on one server (a long prefill on a slow CPU takes a while)
     forward_timeout_s: float = 120.0  # one Forward/Backward call on one server
-    # Inference sessions re-route around failed servers for as long as a route exists, within this time budget
-    # per step (or open), counted from the step's first failure; a dead server whose DHT record has not expired
-    # yet is banned and skipped, so it costs one failed attempt, never the whole budget.
+    # Inference steps (and opens) and Forward/Backward calls re-route around failed servers for as long as a
+    # route exists, within this time budget counted from the call's first failure; a dead server whose DHT record
+    # has not expired yet is banned and skipped, so it costs one failed attempt, never the whole budget.
     failover_budget_s: float = 60.0
-    # Failovers per Forward/Backward call (fine-tuning): re-route the failed span and replay it.
-    max_retries: int = 3
     retry_backoff_s: float = 0.0  # sleep before the first retry (0: a dead server is replaced at once)
     max_backoff_s: float = 5.0  # later retries sleep min_backoff x 2^n up to this (at least 0.1 s)
     ban_s: float = 15.0  # first ban of a failed server; doubles per repeated failure, reset on success
@@ -58,8 +56,6 @@ class ClientConfig:
     verify_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
         if self.max_tokens_per_call < 1:
             raise ValueError("max_tokens_per_call must be >= 1")
         if not 0 <= self.verify_fraction <= 1:

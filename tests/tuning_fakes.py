@@ -24,6 +24,7 @@ from client_sdk.head import load_local_model
 from client_sdk.pretrained import DistributedPreTrainedModel
 from client_sdk.remote import RemoteCalls
 from swarm.blocks import BlockRange
+from swarm.errors import DhtUnavailable
 from swarm.model_files import Checkpoint
 from swarm.models import Span, load_family, run_span
 from swarm.pb import shard_pb2
@@ -165,14 +166,21 @@ class FakePool:
         return FakeStub(self.by_address[address])
 
 
+class StaticDht:
+    """The fake swarm's DHT: unreachable, so a re-read after a failure (client_sdk.failover) keeps the records."""
+
+    async def batch_get(self, keys: list[str]) -> Any:
+        raise DhtUnavailable("the fake swarm has no DHT")
+
+
 class FakeAsyncClient:
     def __init__(self, path: Path, servers: list[FakeServer], config: ClientConfig) -> None:
         self.local = load_local_model(path, MODEL_ID)
         self.model_id = MODEL_ID
         self.wire_dtype = self.local.dtype
         blocks = self.local.num_blocks
-        self.view = SwarmView(None, MODEL_ID, blocks)  # type: ignore[arg-type]
-        # records set by hand (signing them for a fake DHT would test nothing here); never re-read
+        self.view = SwarmView(StaticDht(), MODEL_ID, blocks)  # type: ignore[arg-type]
+        # records set by hand (signing them for a fake DHT would test nothing here); a re-read keeps them
         per_block = [{s.peer: s.record() for s in servers if s.start <= i < s.end} for i in range(blocks)]
         self.view.records = BlockRecords(per_block=per_block)
         self.view.updated_at = time.time()
@@ -183,7 +191,7 @@ class FakeClient:
     """What the model classes use of a SwarmClient: `async_client` and `run`."""
 
     def __init__(self, path: Path, servers: list[FakeServer], **options: Any) -> None:
-        config = ClientConfig(max_retries=2, max_view_age_s=1e9, **options)
+        config = ClientConfig(max_view_age_s=1e9, **options)
         self.async_client = FakeAsyncClient(path, servers, config)
         self.loop = asyncio.new_event_loop()
 
