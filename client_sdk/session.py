@@ -271,17 +271,23 @@ class InferenceSession:
                         self.session_id, old.span.start, old.span.end, self._failures,
                         self.failover_budget_s - left, error)  # fmt: skip
             raise error
-        self._failures += 1
-        # Banned: a dead server with a live record is not picked again. Not when it evicted our idle session to
-        # serve another: that is no fault, and the router may well pick it again (it then evicts someone else's
-        # idle session or makes us wait for room, as any open).
-        if not isinstance(error, SessionEvicted):
-            self.router.on_failure(old.span.peer_id)
+        call = old.call
+        if call is not None and call.done() and not call.cancelled():
+            await asyncio.gather(old.watch(), return_exceptions=True)  # the read its end failed: retrieved, not leaked
         old.cancel()
-        log.warning(
-            "session %s: %s failed at position %d (%s); re-routing blocks %d:%d (failover %d, %.0f s left)",
-            self.session_id, old.span, self.position, error, old.span.start, old.span.end, self._failures, left,
-        )  # fmt: skip
+        if isinstance(error, SessionEvicted):
+            # The server evicted our idle session to serve another: no fault of its own, so no ban, no backoff and
+            # no failover counted against max_retries (the time budget still bounds the step). The router may well
+            # pick it again; the reopen then evicts someone else's idle session or waits for room, as any open.
+            log.info("session %s: %s evicted it at position %d; reopening blocks %d:%d and replaying",
+                     self.session_id, old.span, self.position, old.span.start, old.span.end)  # fmt: skip
+        else:
+            self._failures += 1
+            self.router.on_failure(old.span.peer_id)  # banned: a dead server with a live record is not picked again
+            log.warning(
+                "session %s: %s failed at position %d (%s); re-routing blocks %d:%d (failover %d, %.0f s left)",
+                self.session_id, old.span, self.position, error, old.span.start, old.span.end, self._failures, left,
+            )  # fmt: skip
         route = await self._new_route(old.span.start, old.span.end, error)
         results = await asyncio.gather(*(self._open(s) for s in route), return_exceptions=True)
         new: list[SpanStream] = []
@@ -309,6 +315,8 @@ class InferenceSession:
         if self.router is None:
             raise error
         attempt, delay = self._failures, self.router.backoff_s(self._failures)
+        if isinstance(error, SessionEvicted):
+            delay = 0.0  # the server is fine: reopen at once
         while True:
             delay = min(delay, max(0.0, self._time_left_s()))
             if delay > 0:
