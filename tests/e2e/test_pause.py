@@ -218,6 +218,9 @@ async def scenario(procs: SwarmProcesses, model: Path, reference: list[int]) -> 
     assert (await asyncio.to_thread(pollen_server, "resume", socks[q]))["state"] == "online"
     again = await asyncio.to_thread(pollen_server, "resume", socks[q])
     assert (again["changed"], again["state"]) == (False, "online")
+    # A paused server that stops leaves the swarm like an online one: OFFLINE announced, exit 0, socket gone.
+    assert (await asyncio.to_thread(pollen_server, "pause", socks[q], "--grace", "0"))["state"] == "paused"
     for server in servers:
         assert procs.stop(server) == 0
+    await announced(dht.address, model, peers[q], ServerState.OFFLINE)
     assert not any(sock.exists() for sock in socks), "admin sockets are removed at stop"

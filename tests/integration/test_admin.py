@@ -256,6 +256,9 @@ async def test_pause_lets_a_session_finish_within_the_grace(
     call = await open_session(shard)
     pausing = asyncio.ensure_future(admin.Pause(admin_pb2.PauseRequest(grace_s=60.0), timeout=TIMEOUT_S * 3))
     await wait_until(lambda: server.lifecycle.busy == "pausing", "the pause to start")
+    await expect_error(admin.Pause(admin_pb2.PauseRequest()), grpc.StatusCode.FAILED_PRECONDITION, "pausing")
+    await expect_error(admin.Resume(admin_pb2.ResumeRequest()), grpc.StatusCode.FAILED_PRECONDITION, "pausing")
+    assert (await admin.Status(admin_pb2.StatusRequest(), timeout=TIMEOUT_S)).state == "pausing"
     await call.done_writing()  # the client finishes on its own
     assert await asyncio.wait_for(call.code(), TIMEOUT_S) == grpc.StatusCode.OK
     paused = await pausing
