@@ -229,3 +229,18 @@ def test_relay_ports_parse() -> None:
 
 async def _const(items: list[str]) -> list[str]:
     return items
+
+
+def test_relay_flags_on_both_commands() -> None:
+    from dht_node.cli import parse_config
+    from shard_server.cli import build_parser, config_from_args
+
+    node = parse_config(["--bootstrap", "--relay", "--relay-ports", "40000-40009", "--relay-max-servers", "4"])
+    assert node.relay == RelayLimits(max_servers=4, ports=(40000, 40009))
+    assert parse_config(["--bootstrap"]).relay is None
+    with pytest.raises(SystemExit):  # argparse's usage error, exit 2
+        parse_config(["--bootstrap", "--relay", "--relay-ports", "9-1"])
+    flags = ["--model", "m", "--relay", "--relay-max-bytes-per-s", "0", "--use-relay", "never"]
+    args = build_parser().parse_args(flags)
+    server = config_from_args(args)
+    assert server.relay == RelayLimits(max_bytes_per_s=0) and server.use_relay == "never"
