@@ -86,6 +86,7 @@ class Reachability:
         public_host = parse_address(public_address)[0] if public_address else host
         self.service = RelayService(relay_limits, host, public_host) if relay_limits is not None else None
         self.num_blocks = 0  # of the model: where to look for relaying servers (set by the server)
+        self._agent: RelayAgent | None = None
 
     @property
     def address(self) -> str | None:
@@ -136,8 +137,8 @@ class Reachability:
             self.endpoint = endpoint
             await reannounce()
 
-        agent = RelayAgent(local, self._relay_candidates, peer_id=self.peer_id, security=self.security,
-                           on_change=changed)  # fmt: skip
+        agent = self._agent = RelayAgent(local, self._relay_candidates, peer_id=self.peer_id,
+                                         security=self.security, on_change=changed)  # fmt: skip
         self.endpoint = await agent.attach()
         if self.endpoint is None:
             log.warning("no relay takes us yet: announcing our own address (unreachable) and retrying")
@@ -159,5 +160,8 @@ class Reachability:
         return candidates
 
     async def close(self) -> None:
+        """End the relay stream (our relayed connections) and the relay service (those we relay)."""
+        if self._agent is not None:
+            await self._agent.close()
         if self.service is not None:
             await self.service.close()
