@@ -65,7 +65,7 @@ soak: $(STAMP)
 	$(PY) bench/soak.py --mode long
 
 bench: model
-	$(PY) bench/bench_generate.py --model $(MODEL_DIR)
+	$(PY) bench/bench_generate.py --models small,$(MODEL_DIR)
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache

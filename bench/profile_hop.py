@@ -8,7 +8,7 @@ process runs --generations greedy generations of --tokens tokens. Then: the serv
 the project's functions by inclusive time, all in ms per generated token. The raw stacks (collapsed format:
 open them in https://www.speedscope.app or flamegraph.pl) stay in --out.
 
-Needs py-spy in the venv (`.venv/bin/python -m pip install py-spy`) and permission to ptrace the server
+Needs py-spy (in the dev extras: `make install`) and permission to ptrace the server
 (root, or kernel.yama.ptrace_scope=0). `--perf` adds Linux perf's on-CPU samples (no runnable bias; C, C++ and
 kernel frames, no Python ones) by library and symbol; needs `perf` on PATH.
 

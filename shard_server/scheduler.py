@@ -177,7 +177,8 @@ class Scheduler:
         finally:
             with self._cond:
                 self._busy = False
-                self._cond.notify()  # work queued meanwhile (a Forward, a control job) is the worker's now
+                if self._control or self._steps or self._training:  # queued meanwhile: the worker's now
+                    self._cond.notify()  # (only then: a needless wake-up costs the worker a switch and the GIL)
 
     def close(self) -> None:
         """Fail everything still queued and let the worker exit after its current item (see `join`)."""
