@@ -5,7 +5,8 @@ ports (`--use-relay never`); in "relay" both attach to their dht-node's relay (`
 `--use-relay always` on the servers), so every client step and every server-to-server push crosses the relay
 (two extra loopback hops and one gRPC stream per relayed server). Each round generates with both, in a rotating
 order; the tokens must equal local greedy. Reports median ms/token (wall) and CPU ms/token of all processes
-of the setup (client, servers, and the dht-node, where the relay runs).
+of the setup (client, servers, and the dht-node, where the relay runs). Then bulk throughput (a long prefill's
+hidden states): MiB/s echoed through an in-process relay and agent vs a plain loopback socket.
 
     .venv/bin/python bench/bench_relay.py                     # ~2 min on 2 cores
     .venv/bin/python bench/bench_relay.py --tokens 32 --rounds 3
@@ -14,6 +15,7 @@ of the setup (client, servers, and the dht-node, where the relay runs).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import tempfile
@@ -48,6 +50,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
     p.add_argument("--rounds", type=int, default=5, help="measured rounds (after one warm-up)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--bulk-mib", type=int, default=32, help="MiB each way for the bulk throughput line")
     args = p.parse_args()
     use_threads(args.threads)
     from client_sdk import SwarmClient
@@ -92,6 +95,66 @@ def main() -> None:
     print(f"\n2-server chain, {args.tokens} tokens, model {model.name}, {args.threads} thread(s), push on; "
           f"{code_version()}; load {load_average()}")  # fmt: skip
     print(markdown(["setup", "ms/token (median)", "CPU ms/token, all processes", "rounds"], rows))
+    direct_mibs, relay_mibs = asyncio.run(bulk_mib_per_s(args.bulk_mib))
+    print(f"\nbulk: {args.bulk_mib} MiB each way on one connection, echoed (median of 3)")
+    print(
+        markdown(
+            ["path", "MiB/s"], [("loopback socket", f"{direct_mibs:.0f}"), ("through the relay", f"{relay_mibs:.0f}")]
+        )
+    )
+
+
+async def bulk_mib_per_s(mib: int) -> tuple[float, float]:
+    """MiB/s of an echo round trip: straight to an echo server, and through a RelayService + RelayAgent."""
+    from swarm.net import bind_server, create_server, format_address
+    from swarm.relay import RelayAgent, RelayLimits, RelayService
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def roundtrip(address: str, payload: bytes) -> float:
+        host, _, port = address.rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        t0 = time.perf_counter()
+        sender = asyncio.create_task(_send(writer, payload))
+        await reader.readexactly(len(payload))
+        await sender
+        writer.close()
+        return len(payload) / 2**20 / (time.perf_counter() - t0)
+
+    target = await asyncio.start_server(echo, "127.0.0.1", 0)
+    echo_address = format_address("127.0.0.1", target.sockets[0].getsockname()[1])
+    service = RelayService(RelayLimits(max_bytes_per_s=0), "127.0.0.1", "127.0.0.1")
+    server = create_server()
+    service.add_to_server(server)
+    relay_address = format_address("127.0.0.1", bind_server(server, "127.0.0.1:0"))
+    await server.start()
+
+    async def candidates() -> list[str]:
+        return [relay_address]
+
+    agent = RelayAgent(echo_address, candidates)
+    endpoint = await agent.attach()
+    assert endpoint is not None
+    runner = asyncio.create_task(agent.run())
+    payload = os.urandom(mib << 20)
+    try:
+        direct = [await roundtrip(echo_address, payload) for _ in range(3)]
+        relayed = [await roundtrip(endpoint.address, payload) for _ in range(3)]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await server.stop(0)
+        target.close()
+    return median(direct), median(relayed)
+
+
+async def _send(writer: asyncio.StreamWriter, payload: bytes) -> None:
+    writer.write(payload)
+    await writer.drain()
 
 
 if __name__ == "__main__":
