@@ -10,7 +10,6 @@ With `draft_model=`, speculative.py drafts several tokens locally and verifies t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -30,10 +29,11 @@ from client_sdk.sampling import SamplingParams, make_generator, sample
 from client_sdk.session import Failover, InferenceSession, SessionRouter
 from client_sdk.speculative import (
     DEFAULT_DRAFT_TOKENS,
-    Draft,
+    Drafts,
     DraftSpec,
+    Speculation,
     SpeculationStats,
-    load_draft,
+    check_speculation,
     speculative_tokens,
 )
 from client_sdk.transport import ChannelPool
@@ -47,8 +47,6 @@ if TYPE_CHECKING:
     from swarm.records import ServerRecord
 
 log = logging.getLogger(__name__)
-
-Speculation = tuple[Draft, int, bool]  # the draft, k of the first trip, adapt k
 
 
 @dataclass(frozen=True)
@@ -121,7 +119,7 @@ class AsyncSwarmClient:
         self.last_failovers: list[Failover] = []  # recoveries during the last generate call
         self.active_session: InferenceSession | None = None  # the session of the running generate call
         self.last_speculation: SpeculationStats | None = None  # of the last generate call with a draft_model
-        self._drafts: dict[str, Draft] = {}  # loaded drafts by their spec ("self:N", a folder)
+        self._drafts = Drafts(self.local)  # loaded drafts by their spec ("self:N", a folder)
         self._tasks = TaskSet()
 
     @property
@@ -183,7 +181,7 @@ class AsyncSwarmClient:
         ids, kind = encode_prompt(inputs, self.tokenizer, self.local.config.vocab_size)
         tokens: list[torch.Tensor] = []
         params = SamplingParams(do_sample, temperature, top_k, top_p)
-        spec = await self._speculation(draft_model, num_draft_tokens, adaptive_draft)
+        spec = await self._drafts.get(draft_model, num_draft_tokens, adaptive_draft)
         agen = self._generate_ids(ids, max_new_tokens, min_new_tokens, params, seed, eos_token_id, spec)
         async with contextlib.aclosing(agen):
             async for token in agen:
@@ -214,7 +212,7 @@ class AsyncSwarmClient:
         ids, kind = encode_prompt(inputs, self.tokenizer, self.local.config.vocab_size)
         text = self.tokenizer.stream() if kind is Kind.TEXT and self.tokenizer is not None else None
         params = SamplingParams(do_sample, temperature, top_k, top_p)
-        spec = await self._speculation(draft_model, num_draft_tokens, adaptive_draft)
+        spec = await self._drafts.get(draft_model, num_draft_tokens, adaptive_draft)
         agen = self._generate_ids(ids, max_new_tokens, min_new_tokens, params, seed, eos_token_id, spec)
         async with contextlib.aclosing(agen):
             async for token in agen:
@@ -244,12 +242,30 @@ class AsyncSwarmClient:
                 return
             stats = self.last_speculation = SpeculationStats()
             draft, k, adaptive = speculation
+            check_speculation(ids, k)
+            session = self.active_session = await self.open_session(ids.shape[1] + max_new_tokens, 1)
             agen = speculative_tokens(
-                self, ids, max_new_tokens, min_new_tokens, params, generator, eos, draft, k, adaptive, stats
+                session,
+                self.local,
+                self.wire_dtype,
+                ids,
+                max_new_tokens,
+                min_new_tokens,
+                params,
+                generator,
+                eos,
+                draft,
+                k,
+                adaptive,
+                stats,
             )
-            async with contextlib.aclosing(agen):
-                async for t in agen:
-                    yield torch.tensor([t])
+            try:
+                async with contextlib.aclosing(agen):
+                    async for t in agen:
+                        yield torch.tensor([t])
+            finally:
+                self.last_failovers = session.failovers
+                await session.close()
             return
         eos_t = torch.tensor(eos, dtype=torch.long) if eos else None
         pad_id = self.local.pad_token_id
@@ -293,18 +309,6 @@ class AsyncSwarmClient:
         hidden = await session.step(hidden)  # failovers happen inside
         with torch.inference_mode():
             return head.logits(hidden[:, -1:].to(self.local.dtype))[:, -1]  # [batch, vocab]
-
-    async def _speculation(self, spec: DraftSpec | None, k: int, adaptive: bool) -> Speculation | None:
-        """The draft for `spec` (None: no speculation), loaded once per spec string and kept for later calls."""
-        if spec is None:
-            return None
-        if not isinstance(spec, str | os.PathLike):
-            return load_draft(spec, self.local), k, adaptive
-        key = os.fspath(spec)
-        draft = self._drafts.get(key)
-        if draft is None:  # reads a checkpoint: off the event loop
-            draft = self._drafts[key] = await asyncio.to_thread(load_draft, spec, self.local)
-        return draft, k, adaptive
 
     def _same_span_holders(self, span: Span) -> list[Span]:
         """Servers able to recompute `span` for verification: usable, holding its blocks, of the same precision."""

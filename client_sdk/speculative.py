@@ -20,6 +20,7 @@ Drafts keep their own KV cache of the one sequence, written at explicit position
 from __future__ import annotations
 
 import abc
+import asyncio
 import os
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -35,8 +36,8 @@ from swarm.model_files import Checkpoint, resolve_model_path
 from swarm.models import ClientHead, Span, load_family, run_span
 
 if TYPE_CHECKING:
-    from client_sdk.client import AsyncSwarmClient
     from client_sdk.head import LocalModel
+    from client_sdk.session import InferenceSession
 
 DEFAULT_DRAFT_TOKENS = 4  # k of the first trip; adapted afterwards
 MAX_DRAFT_TOKENS = 16  # a longer draft mostly computes tokens that get rejected
@@ -136,6 +137,29 @@ def load_draft(spec: DraftSpec, local: LocalModel) -> Draft:
     return draft
 
 
+Speculation = tuple[Draft, int, bool]  # the draft, k of the first trip, adapt k
+
+
+class Drafts:
+    """A client's drafts, loaded once per spec string ("self:N", a folder) and kept for later calls."""
+
+    def __init__(self, local: LocalModel) -> None:
+        self.local = local
+        self._by_spec: dict[str, Draft] = {}
+
+    async def get(self, spec: DraftSpec | None, k: int, adaptive: bool) -> Speculation | None:
+        """The speculation for `spec` (None: no speculation)."""
+        if spec is None:
+            return None
+        if not isinstance(spec, str | os.PathLike):
+            return load_draft(spec, self.local), k, adaptive
+        key = os.fspath(spec)
+        draft = self._by_spec.get(key)
+        if draft is None:  # reads a checkpoint: off the event loop
+            draft = self._by_spec[key] = await asyncio.to_thread(load_draft, spec, self.local)
+        return draft, k, adaptive
+
+
 def self_draft(local: LocalModel, blocks: str) -> BlocksDraft:
     """Self-speculation: the target's first `blocks` blocks read from its checkpoint, then its own final norm
     and LM head (the client's local head): a shallow copy of the model that tends to agree with it."""
@@ -210,8 +234,21 @@ def accept_sampled(
     return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=generator))
 
 
+def check_speculation(ids: torch.Tensor, num_draft_tokens: int) -> None:
+    """Refuse what speculative_tokens cannot do, before a session is opened for it."""
+    if ids.shape[0] != 1:
+        raise InvalidRequest(
+            f"speculative decoding (draft_model) generates one sequence at a time, got a batch of {ids.shape[0]}: "
+            "call generate once per prompt, or drop draft_model"
+        )
+    if not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
+        raise InvalidRequest(f"num_draft_tokens must be in 1..{MAX_DRAFT_TOKENS}, got {num_draft_tokens}")
+
+
 async def speculative_tokens(
-    client: AsyncSwarmClient,
+    session: InferenceSession,  # open for prompt_len + max_new_tokens tokens of 1 row; the caller closes it
+    local: LocalModel,
+    wire_dtype: torch.dtype,
     ids: torch.Tensor,  # [1, prompt_len] int64
     max_new_tokens: int,
     min_new_tokens: int,
@@ -228,14 +265,7 @@ async def speculative_tokens(
     Bookkeeping: `seq` holds every token (prompt + new); the servers' caches hold `seq[:target_len]` (the last
     token is sent with the next trip's drafts) and the draft's cache `seq[:draft_len]`. With `adaptive`, k grows
     by 2 after a trip whose drafts were all kept and shrinks by 1 otherwise (transformers' heuristic)."""
-    if ids.shape[0] != 1:
-        raise InvalidRequest(
-            f"speculative decoding (draft_model) generates one sequence at a time, got a batch of {ids.shape[0]}: "
-            "call generate once per prompt, or drop draft_model"
-        )
-    if not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
-        raise InvalidRequest(f"num_draft_tokens must be in 1..{MAX_DRAFT_TOKENS}, got {num_draft_tokens}")
-    local = client.local
+    check_speculation(ids, num_draft_tokens)
     vocab = local.config.vocab_size
     seq: list[int] = ids[0].tolist()
     prompt_len = len(seq)
@@ -248,7 +278,6 @@ async def speculative_tokens(
             logits[: max(0, min_new_tokens - produced), eos] = float("-inf")
         return logits
 
-    session = client.active_session = await client.open_session(prompt_len + max_new_tokens, 1)
     draft.begin(prompt_len + max_new_tokens)
     try:
         while (produced := len(seq) - prompt_len) < max_new_tokens:
@@ -270,7 +299,7 @@ async def speculative_tokens(
             # 2. One trip: the tokens the servers lack (the prompt at first, then the last token) + the drafts.
             pending = seq[target_len:]
             with torch.inference_mode():
-                hidden = local.head.embed(torch.tensor([pending + drafts])).to(client.wire_dtype)
+                hidden = local.head.embed(torch.tensor([pending + drafts])).to(wire_dtype)
             out = await session.step(hidden)  # [1, len(pending) + n, hidden]; failovers happen inside
             with torch.inference_mode():
                 logits = local.head.logits(out[:, -(n + 1) :].to(local.dtype))[0]  # [n + 1, vocab]
@@ -301,6 +330,4 @@ async def speculative_tokens(
             if eos and new[-1] in eos:
                 break
     finally:
-        client.last_failovers = session.failovers
         draft.end()
-        await session.close()
