@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from swarm.net import bind_server, create_server, format_address, open_channel
+from swarm.auth import SwarmKey
+from swarm.net import PLAINTEXT, Security, bind_server, create_server, format_address, open_channel
 from swarm.pb import relay_pb2, relay_pb2_grpc
 from swarm.relay import RelayAgent, RelayEndpoint, RelayLimits, RelayService
 from swarm.relay_mux import WINDOW, ByteRate
@@ -30,9 +31,9 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 class Relay:
-    def __init__(self, limits: RelayLimits) -> None:
+    def __init__(self, limits: RelayLimits, security: Security = PLAINTEXT) -> None:
         self.service = RelayService(limits, "127.0.0.1", "127.0.0.1")
-        self.server = create_server()
+        self.server = create_server(security=security)
         self.service.add_to_server(self.server)
         self.address = format_address("127.0.0.1", bind_server(self.server, "127.0.0.1:0"))
 
@@ -167,6 +168,22 @@ async def test_a_broken_stream_attaches_again_and_reports_the_new_endpoint(echo:
             await _wait(lambda: bool(changes))
             assert changes[0].relay == second.address
             assert await _roundtrip(changes[0].address, b"hello") == b"hello"
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_a_private_swarms_relay_takes_only_its_members(echo: str) -> None:
+    key = Security(SwarmKey.generate())
+    async with Relay(RelayLimits(), key) as relay:
+        stranger = RelayAgent(echo, lambda: _const([relay.address]))  # no key: UNAUTHENTICATED
+        assert await stranger.attach() is None and not relay.service.attached
+        member = RelayAgent(echo, lambda: _const([relay.address]), security=key)
+        endpoint = await member.attach()
+        assert endpoint is not None
+        runner = asyncio.create_task(member.run())
+        try:  # the lent port carries the client's own bytes (here not gRPC at all): no key needed there
+            assert await _roundtrip(endpoint.address, b"members only") == b"members only"
         finally:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
