@@ -308,7 +308,7 @@ class SessionCache:
             return float("inf")
         now = self.clock()
         later = [
-            (now if s.in_step or s.task is None else s.last_active) + after - now
+            (now if s.in_step or s.task is None or s.task.done() else s.last_active) + after - now
             for s in self._sessions.values()
             if not s.closed_reason and not s.evictable(after, now)
         ]
@@ -335,9 +335,14 @@ class SessionCache:
             return
 
     def close_idle(self, timeout_s: float, now: float | None = None) -> int:
-        """End sessions with no step for `timeout_s`; returns how many. Their streams free them on the way out."""
+        """End sessions with no step for `timeout_s` (none in flight); returns how many. Their streams free them on
+        the way out."""
         now = time.monotonic() if now is None else now
-        idle = [s for s in self._sessions.values() if now - s.last_active > timeout_s and not s.closed_reason]
+        idle = [
+            s
+            for s in self._sessions.values()
+            if now - s.last_active > timeout_s and not s.closed_reason and not s.in_step
+        ]
         for session in idle:
             log.info("session %s idle for %.0f s: closing it", session.session_id, now - session.last_active)
             session.close(f"session {session.session_id} was idle for more than {timeout_s:.0f} s and was closed "

@@ -184,3 +184,12 @@ async def test_free_room_plus_an_idle_session_serve_the_head_of_the_queue(tasks:
     cache.release(busy)  # 50 free + the idle session's 50: the head is served at once
     new = await asyncio.wait_for(waiting, 5)
     assert idle.closed_as is SessionEvicted and new.session_id == "new" and cache.used_bytes == 60
+
+
+async def test_the_idle_timeout_spares_a_session_mid_step(tasks: list[asyncio.Task[None]]) -> None:
+    clock = Clock()
+    cache = SessionCache(budget_bytes=100, clock=clock)
+    busy, idle = await opened(cache, "busy", 10, tasks), await opened(cache, "idle", 10, tasks)
+    busy.in_step = True  # a long prefill on a slow server
+    assert cache.close_idle(timeout_s=300, now=clock.now + 301) == 1
+    assert idle.closed_reason and not busy.closed_reason
