@@ -91,7 +91,6 @@ class ShardServer:
         self.memory_report: dict[str, int] = {}  # rss / weights bytes, filled once loaded
         self.cache = SessionCache(max_sessions=cfg.max_sessions, alloc_timeout_s=cfg.alloc_timeout_s)
         self.cache.evict_idle_after_s = cfg.evict_idle_after_s  # a full cache evicts idle sessions for newcomers
-        self.cache.evict_idle_after_s = cfg.evict_idle_after_s  # a full cache evicts idle sessions for newcomers
         # All torch work runs on the scheduler's one worker thread: the event loop never blocks on compute and
         # the model needs no locks.
         self.scheduler = Scheduler(
