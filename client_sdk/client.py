@@ -21,21 +21,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from client_sdk.config import ClientConfig
+from client_sdk.drafts import Drafts, DraftSpec, Speculation
 from client_sdk.head import LocalModel, load_local_model
 from client_sdk.prompts import EosArg, Kind, Prompt, decode_answer, encode_prompt, eos_ids
 from client_sdk.remote import RemoteCalls
 from client_sdk.routing import RouteCosts, Span, missing_ranges
 from client_sdk.sampling import SamplingParams, make_generator, sample
 from client_sdk.session import Failover, InferenceSession, SessionRouter
-from client_sdk.speculative import (
-    DEFAULT_DRAFT_TOKENS,
-    Drafts,
-    DraftSpec,
-    Speculation,
-    SpeculationStats,
-    check_speculation,
-    speculative_tokens,
-)
+from client_sdk.speculative import SpeculationStats, check_speculation, speculative_tokens
 from client_sdk.transport import ChannelPool
 from client_sdk.tuning import Tuning
 from client_sdk.verify import OutputVerifier
@@ -163,7 +156,7 @@ class AsyncSwarmClient:
         seed: int | None = None,
         eos_token_id: EosArg = ...,
         draft_model: DraftSpec | None = None,
-        num_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+        num_draft_tokens: int | None = None,
         adaptive_draft: bool = True,
     ) -> Any:
         """Generate up to `max_new_tokens` after `inputs` and return only the new tokens.
@@ -175,8 +168,10 @@ class AsyncSwarmClient:
 
         `draft_model` turns on speculative decoding (speculative.py; one sequence at a time): "self:N" (this
         model's first N blocks + its head, loaded locally), a folder of a small model with the same tokenizer,
-        a local transformers model, or a `Draft`. It drafts `num_draft_tokens` tokens per round trip to start
-        with (then adapted, unless `adaptive_draft=False`); greedy output is exactly the plain greedy output.
+        a local transformers model, "prompt-lookup" (no model: continuations of earlier occurrences of the last
+        2 tokens in the prompt and output; "lookup:N" for the last N), or a `Draft` (drafts.py). It drafts
+        `num_draft_tokens` tokens per round trip (default 4 for models, then adapted unless
+        `adaptive_draft=False`; 10 for prompt lookup); greedy output is exactly the plain greedy output.
         """
         ids, kind = encode_prompt(inputs, self.tokenizer, self.local.config.vocab_size)
         tokens: list[torch.Tensor] = []
@@ -202,7 +197,7 @@ class AsyncSwarmClient:
         seed: int | None = None,
         eos_token_id: EosArg = ...,
         draft_model: DraftSpec | None = None,
-        num_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+        num_draft_tokens: int | None = None,
         adaptive_draft: bool = True,
     ) -> AsyncGenerator[Any, None]:
         """Like generate, yielding as tokens arrive: for a text prompt, text pieces (each one complete

@@ -4,6 +4,7 @@ processes. Every greedy output, whatever the draft, must equal local transformer
 - a noised copy of the target's weights (most drafts accepted, some rejected: partial acceptance and rollbacks),
 - self-speculation ("self:N": the target's first N blocks + its head), also with N = all blocks (every draft
   accepted, so k grows),
+- prompt lookup ("prompt-lookup", "lookup:N": no draft model, continuations of earlier n-grams),
 - a local transformers model as the draft, and `generate(assistant_model=...)` on the distributed HF model
   (transformers' assisted generation crops our RemoteCache, which rolls the session back).
 The last test kills (SIGKILL) the 0:2 server in use mid-generation: the failover replays the span's history, which
@@ -140,6 +141,31 @@ def test_self_speculation(client: SwarmClient, reference: list[int]) -> None:
     assert out == reference
     assert stats.accepted == stats.drafted and stats.rollbacks == 0
     assert stats.draft_lengths[:3] == [2, 4, 6]
+
+
+def test_prompt_lookup(client: SwarmClient, local: LlamaForCausalLM) -> None:
+    """No draft model: drafts are what followed an earlier occurrence of the last n-gram (transformers' prompt
+    lookup). A prompt that repeats itself, and a random model's greedy output that falls into loops, give it
+    matches; the output is plain greedy token for token, with fewer round trips than tokens."""
+    prompt = [*PROMPT, 30, 31, 32, 33] * 3
+    ids = torch.tensor([prompt])
+    ref = local.generate(ids, attention_mask=torch.ones_like(ids), **greedy(NEW))[0, len(prompt) :].tolist()  # type: ignore[arg-type]
+    assert client.generate(prompt, NEW, min_new_tokens=NEW) == ref
+    for spec, k in (("prompt-lookup", 10), ("lookup:1", 10), ("lookup:3", 3)):
+        kw = {} if k == 10 else {"num_draft_tokens": k}
+        out = client.generate(prompt, NEW, min_new_tokens=NEW, draft_model=spec, **kw)
+        stats = client.async_client.last_speculation
+        assert stats is not None
+        print(f"\n{spec}: {stats.steps} trips for {stats.tokens} tokens, acceptance {stats.acceptance_rate:.0%}, "
+              f"drafts per trip {stats.draft_lengths}")  # fmt: skip
+        assert out == ref
+        assert stats.accepted > 0 and stats.steps < NEW
+        assert max(stats.draft_lengths) <= k  # k is fixed: a lookup proposes what it finds, up to k
+    # transformers' own prompt lookup on the same prompt: the same tokens as well
+    hf = local.generate(ids, attention_mask=torch.ones_like(ids), prompt_lookup_num_tokens=10, **greedy(NEW))  # type: ignore[arg-type]
+    assert hf[0, len(prompt) :].tolist() == ref
+    with pytest.raises(InvalidRequest, match="lookup:N"):
+        client.generate(prompt, 4, draft_model="lookup:x")
 
 
 def test_fixed_k(client: SwarmClient, reference: list[int]) -> None:
