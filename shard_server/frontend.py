@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -51,6 +52,11 @@ class GrpcFront:
             self.port = bind_server(self._server, bind, security)
         except RuntimeError as e:
             raise ConfigError(f"cannot listen on {bind}: {e}") from None
+
+    @property
+    def server(self) -> grpc.aio.Server:
+        """The gRPC server, for services added before `start` (the Relay service with --relay)."""
+        return self._server
 
     async def start(self) -> None:
         await self.set_serving(False)  # loading

@@ -87,6 +87,7 @@ class Reachability:
         self.service = RelayService(relay_limits, host, public_host) if relay_limits is not None else None
         self.num_blocks = 0  # of the model: where to look for relaying servers (set by the server)
         self._agent: RelayAgent | None = None
+        self._tasks = TaskSet()
 
     @property
     def address(self) -> str | None:
@@ -102,8 +103,9 @@ class Reachability:
         if self.service is not None:
             self.service.add_to_server(server)
 
-    async def start(self, port: int, tasks: TaskSet, reannounce: Callable[[], Awaitable[object]]) -> None:
-        """Check, and attach to a relay if needed; the relay stream is kept up by a task in `tasks`."""
+    async def start(self, port: int, reannounce: Callable[[], Awaitable[object]]) -> None:
+        """Check, and attach to a relay if needed; the relay stream is kept up by our own task until `close()`
+        (not the server's background tasks: relayed sessions must keep their path while the server drains)."""
         if self.use_relay == "never" or not self.dht_peers:
             return
         own_port = parse_address(self.public_address)[1] if self.public_address else port
@@ -142,7 +144,7 @@ class Reachability:
         self.endpoint = await agent.attach()
         if self.endpoint is None:
             log.warning("no relay takes us yet: announcing our own address (unreachable) and retrying")
-        tasks.spawn(agent.run(), name="relay-agent")  # cancelled at stop, which closes the stream
+        self._tasks.spawn(agent.run(), name="relay-agent")
 
     async def _relay_candidates(self) -> list[str]:
         """Our dht-nodes, then reachable servers of the model (any of them may run with --relay)."""
@@ -161,6 +163,7 @@ class Reachability:
 
     async def close(self) -> None:
         """End the relay stream (our relayed connections) and the relay service (those we relay)."""
+        await self._tasks.cancel_all()
         if self._agent is not None:
             await self._agent.close()
         if self.service is not None:

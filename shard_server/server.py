@@ -172,12 +172,12 @@ class ShardServer:
                 relay_limits=cfg.relay,
             )  # fmt: skip
             reach.num_blocks = info.family.num_blocks
-            reach.add_services(front._server)  # noqa: SLF001 - --relay: the Relay service shares our gRPC port
+            reach.add_services(front.server)  # --relay: the Relay service shares our gRPC port
             await front.start()
             self.port = front.port
             log.info("gRPC listening on %s (%s; loading blocks)", self.address, self.security.describe())
             # Dialled back by a dht-node; through a relay if it cannot (re-announced when the relay changes).
-            await reach.start(self.port, self._tasks, self._reannounce)
+            await reach.start(self.port, self._reannounce)
             self._admin = await start_admin(cfg.admin_socket, self.port, self)
             if cfg.metrics_port is not None:
                 await self._start_metrics(cfg.metrics_port)
@@ -352,6 +352,8 @@ class ShardServer:
         self.state = ServerState.OFFLINE
         if self._front is not None:
             await self._front.stop()
+        if self._reach is not None:  # after the drain: relayed sessions kept their path until now
+            await self._reach.close()
         if self._dht is not None:
             await self._dht.close()
         if self._peer_rtts is not None:
