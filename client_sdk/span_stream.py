@@ -223,10 +223,19 @@ class SpanStream:
         first = self.history[0] if self.history else current  # the prefill, with the deep prompts if any
         return StepInput(current.step_id, hidden, 0, current.mask, None, first.prompts)
 
+    def _drop_pending(self) -> None:
+        """Forget the pending read; a read the server already failed (it ended the stream) is collected, so
+        asyncio does not log "Task exception was never retrieved" for an error the client has handled."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if not pending.done():
+            pending.cancel()
+        elif not pending.cancelled():
+            pending.exception()
+
     def cancel(self) -> None:
-        if self._pending is not None and not self._pending.done():
-            self._pending.cancel()
-        self._pending = None
+        self._drop_pending()
         if self.call is not None and not self.call.done():
             self.call.cancel()
 
@@ -234,6 +243,7 @@ class SpanStream:
         """Tell the server we are done and wait briefly for it to end the stream; cancel if it does not."""
         call = self.call
         if call is None or call.done():
+            self._drop_pending()
             return
         try:
             async with asyncio.timeout(timeout_s):
