@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from client_sdk.config import ClientConfig
+from client_sdk.config import ClientConfig, explain_dht_failure
 from client_sdk.drafts import Drafts, DraftSpec, Speculation
 from client_sdk.head import LocalModel, load_local_model
 from client_sdk.prompts import EosArg, Kind, Prompt, decode_answer, encode_prompt, eos_ids
@@ -122,7 +122,10 @@ class AsyncSwarmClient:
     async def connect(self) -> None:
         """Read the swarm's records once (raises DhtUnavailable if no dht-node answers), measure RTTs to
         the servers, and keep both fresh in the background."""
-        records = await self.view.refresh()
+        try:
+            records = await self.view.refresh()
+        except DhtUnavailable as e:
+            raise explain_dht_failure(e, self.security) from e
         cfg = self.config
         await self.view.ping(self.pool, cfg.ping_timeout_s, cfg.max_pinged)
         if cfg.refresh_period_s > 0 and not len(self._tasks):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from swarm.errors import DhtUnavailable
 from swarm.net import DEFAULT_MAX_MESSAGE_BYTES, Security
 
 # A CA bundle for TLS, when no tls_ca is given (the swarm key's counterpart is swarm.auth.SWARM_KEY_ENV).
@@ -50,6 +51,10 @@ class ClientConfig:
     # them (None: $POLLEN_TLS_CA if set, else plaintext gRPC).
     swarm_key: str | None = None
     tls_ca: str | None = None
+    # The name to check in servers' certificates instead of the host dialled: peers announce IP addresses, while
+    # one certificate for a whole private swarm may name a host only, e.g. "pollen" (None: $POLLEN_TLS_SERVER_NAME
+    # if set, else the address's host). Needs TLS (tls_ca or $POLLEN_TLS_CA).
+    tls_server_name: str | None = None
     # Verified outputs: this share of inference steps also runs on a second server holding the same span and
     # the outputs are compared; on a disagreement a third server decides and the one in the minority is banned
     # for the client's lifetime (its steps are redone elsewhere). 0 = off.
@@ -84,12 +89,23 @@ class ClientConfig:
 
     def security(self) -> Security:
         """The swarm key and TLS settings of every channel the client opens (DHT and servers). Raises ValueError
-        (SwarmKeyError) naming the file to fix."""
+        (SwarmKeyError) naming the file or option to fix."""
         tls_ca = self.tls_ca or os.environ.get(TLS_CA_ENV, "").strip() or None
-        return Security.from_options(swarm_key=self.swarm_key, tls_ca=tls_ca)
+        return Security.from_options(swarm_key=self.swarm_key, tls_ca=tls_ca, tls_server_name=self.tls_server_name)
 
     def backoff_s(self, attempt: int) -> float:
         """Sleep before retry number `attempt` (1-based): 0 first by default, then growing exponentially."""
         if attempt <= 1:
             return self.retry_backoff_s
         return min(self.max_backoff_s, max(self.retry_backoff_s, 0.1) * 2 ** (attempt - 2))
+
+
+def explain_dht_failure(error: DhtUnavailable, security: Security) -> DhtUnavailable:
+    """`error` with what to do when TLS refused the dht-nodes' certificate for the address dialled: peers are
+    dialled by IP address, and a swarm's certificate often names a host only."""
+    if security.tls is None or security.tls.server_name or "Hostname Verification" not in str(error):
+        return error
+    return DhtUnavailable(
+        f"{error}\nThe dht-nodes' TLS certificate does not name the address dialled: give the name it holds as "
+        "tls_server_name= (pollen --tls-server-name, or $POLLEN_TLS_SERVER_NAME)"
+    )

@@ -20,6 +20,7 @@ EPILOG = """examples:
   pollen gateway --initial-peers 127.0.0.1:31337 --model models/smollm2-135m --port 8000
   pollen chat --initial-peers 127.0.0.1:31337 --model models/smollm2-135m
   pollen generate --initial-peers 127.0.0.1:31337 --model models/smollm2-135m "Once upon a time"
+  pollen generate --initial-peers 127.0.0.1:31337 --model models/smollm2-135m --draft self:8 "Once upon a time"
   pollen swarm --initial-peers 127.0.0.1:31337
   pollen server pause --admin-socket $XDG_RUNTIME_DIR/pollen/shard-31330.sock --grace 30"""
 
@@ -53,6 +54,13 @@ def _common(p: argparse.ArgumentParser, model_help: str, model_required: bool, m
         "--tls-ca",
         metavar="PEM",
         help="dial dht-nodes and servers over TLS and verify them against this CA bundle (default: $POLLEN_TLS_CA)",
+    )
+    sec.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="check this name in the certificates of the dht-nodes and servers dialled, instead of the host of "
+        "their address (peers announce IP addresses; one certificate for a private swarm may name e.g. `pollen`) "
+        "(default: $POLLEN_TLS_SERVER_NAME if set)",
     )
 
 
@@ -171,6 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
     _sampling(gen, 64, False)
+    spec = gen.add_argument_group("speculative decoding (fewer round trips; greedy output stays the same)")
+    spec.add_argument(
+        "--draft",
+        metavar="SPEC",
+        default=None,
+        help="draft tokens locally and verify several per round trip through the swarm: `self:N` (this model's "
+        "first N blocks + its head, loaded here), `prompt-lookup` (no model: what followed earlier occurrences of "
+        "the last 2 tokens in the prompt and reply; `lookup:N` for the last N), or a folder of a small model "
+        "with the same tokenizer",
+    )
+    spec.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens drafted per round trip, 1-16 (default: 4 for a model, then adapted; 10 for prompt lookup)",
+    )
 
     sw = sub.add_parser(
         "swarm",
@@ -195,17 +220,21 @@ def _peers(values: list[str]) -> tuple[str, ...]:
 
 
 def _use_security(args: argparse.Namespace) -> None:
-    """Check --swarm-key/--tls-ca now (a clear error before anything connects) and hand them to every client
-    this process builds through the environment they read (ClientConfig.security): flags win over it."""
+    """Check --swarm-key/--tls-ca/--tls-server-name now (a clear error before anything connects) and hand them to
+    every client this process builds through the environment they read (ClientConfig.security): flags win over it."""
     from client_sdk.config import TLS_CA_ENV
     from swarm.auth import SWARM_KEY_ENV
-    from swarm.net import Security
+    from swarm.net import TLS_SERVER_NAME_ENV, Security
 
-    Security.from_options(swarm_key=args.swarm_key, tls_ca=args.tls_ca)  # raises ValueError naming the file
+    # raises ValueError naming the file or flag to fix (a server name needs TLS: --tls-ca or $POLLEN_TLS_CA)
+    tls_ca = args.tls_ca or os.environ.get(TLS_CA_ENV, "").strip() or None
+    Security.from_options(swarm_key=args.swarm_key, tls_ca=tls_ca, tls_server_name=args.tls_server_name)
     if args.swarm_key:
         os.environ[SWARM_KEY_ENV] = str(Path(args.swarm_key).expanduser().resolve())
     if args.tls_ca:
         os.environ[TLS_CA_ENV] = str(Path(args.tls_ca).expanduser().resolve())
+    if args.tls_server_name:
+        os.environ[TLS_SERVER_NAME_ENV] = args.tls_server_name
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -257,7 +286,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_chat(list(peers), spec.source, spec.model_id, sampling, args.system)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    return asyncio.run(generate_once(peers, spec, prompt, sampling, args.chat))
+    return asyncio.run(generate_once(peers, spec, prompt, sampling, args.chat, args.draft, args.num_draft_tokens))
 
 
 def main(argv: list[str] | None = None) -> int:

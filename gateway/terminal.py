@@ -15,7 +15,7 @@ from client_sdk.config import ClientConfig
 from client_sdk.tokenizer import Tokenizer
 from gateway.config import ModelSpec
 from gateway.conversation import Conversation, GenerationParams
-from gateway.text import generate_text
+from gateway.text import StopMatcher, check_stops, generate_text
 
 
 @dataclass(frozen=True)
@@ -67,22 +67,76 @@ async def print_reply(
 # ---- pollen generate -----------------------------------------------------------------------------------
 
 
-async def generate_once(peers: Sequence[str], spec: ModelSpec, prompt: str, sampling: Sampling, chat: bool) -> int:
+async def generate_once(
+    peers: Sequence[str],
+    spec: ModelSpec,
+    prompt: str,
+    sampling: Sampling,
+    chat: bool,
+    draft: str | None = None,
+    num_draft_tokens: int | None = None,
+) -> int:
+    """`pollen generate`: stream one reply to stdout; with `draft`, by speculative decoding (SwarmClient's
+    draft_model: "self:N", "prompt-lookup", "lookup:N" or a folder of a small model with the same tokenizer)."""
+    if draft is None and num_draft_tokens is not None:
+        raise ValueError("--num-draft-tokens needs --draft")
+    if draft is not None and sampling.repetition_penalty != 1.0:
+        raise ValueError("--repetition-penalty is not available with --draft (speculative decoding)")
     async with AsyncSwarmClient(list(peers), spec.source, spec.model_id) as client:
         tok = text_tokenizer(client)
         if chat:
             ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         else:
             ids = tok.encode(prompt)
-        conv = Conversation(client, len(ids) + sampling.max_new_tokens)
-        try:
-            conv.append(ids)
-            await print_reply(conv, sampling.params(client.local.eos_token_ids), tok, sampling.stops, sys.stdout, [])
-        finally:
-            await conv.close()
+        if draft is not None:
+            await print_speculative(client, ids, sampling, tok, draft, num_draft_tokens, sys.stdout)
+        else:
+            conv = Conversation(client, len(ids) + sampling.max_new_tokens)
+            try:
+                conv.append(ids)
+                params = sampling.params(client.local.eos_token_ids)
+                await print_reply(conv, params, tok, sampling.stops, sys.stdout, [])
+            finally:
+                await conv.close()
         sys.stdout.write("\n")
         sys.stdout.flush()
     return 0
+
+
+async def print_speculative(
+    client: AsyncSwarmClient,
+    ids: list[int],
+    sampling: Sampling,
+    tok: Tokenizer,
+    draft: str,
+    num_draft_tokens: int | None,
+    out: TextIO,
+) -> None:
+    """Stream one reply drafted by `draft` and verified by the swarm: the same text as `print_reply` for greedy
+    decoding (EOS ends it, stop strings cut it), in bursts of the tokens each round trip kept."""
+    decoder = tok.stream(skip_special_tokens=True)
+    matcher = StopMatcher(check_stops(sampling.stops), keep_stop=False)
+    tokens = client.stream(
+        ids,
+        sampling.max_new_tokens,
+        do_sample=sampling.do_sample,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        draft_model=draft,
+        num_draft_tokens=num_draft_tokens,
+    )
+    async with contextlib.aclosing(tokens):
+        async for token in tokens:
+            text, stopped = matcher.push(decoder.push(int(token)))
+            out.write(text)
+            out.flush()
+            if stopped:
+                return
+    text, stopped = matcher.push(decoder.finish())
+    out.write(text if stopped else text + matcher.flush())
+    out.flush()
 
 
 # ---- pollen swarm --------------------------------------------------------------------------------------
