@@ -8,13 +8,16 @@ decoding pays one round trip per token; a trip that verifies k drafts yields (ac
 the same network time, plus the draft's local compute (`client CPU ms/token`). Setups run in a rotating order
 each round so a load change on the shared machine hits all alike; every output must equal the plain output.
 
-Drafts: self-speculation (`self:N`: the model's first N blocks + its own head, loaded in the client) and, with
-`--draft PATH`, any folder of a model with the same tokenizer. `self:<all blocks>` is the whole model run in the
-client: every draft is accepted, which shows what the network side alone gains (not a sensible deployment).
+Drafts: self-speculation (`self:N`: the model's first N blocks + its own head, loaded in the client), prompt
+lookup (`prompt-lookup`, `lookup:N`: no model, the continuation of an earlier occurrence of the last 2 (N) tokens,
+up to 10 per trip; it proposes nothing when the text does not repeat, so its "mean k" is the mean proposal) and,
+with `--draft PATH`, any folder of a model with the same tokenizer. `self:<all blocks>` is the whole model run in
+the client: every draft is accepted, which shows what the network side alone gains (not a sensible deployment).
 `--model tiny` (a random 4-block Llama, ~1 ms of compute) shows the network-bound case.
 
 Usage: python bench/bench_speculative.py [--model models/smollm2-135m] [--delay-ms 25] [--tokens 48]
-       [--repeats 3] [--self-blocks 8,20,30] [--draft PATH ...] [--num-draft-tokens 4]
+       [--repeats 3] [--self-blocks 8,20,30] [--lookup prompt-lookup,lookup:3] [--draft PATH ...]
+       [--num-draft-tokens K] [--prompt story|quote]
 """
 
 from __future__ import annotations
@@ -33,10 +36,17 @@ from bench.common import child_env, code_version, load_average, markdown, num_bl
 from bench.delay_proxy import DelayProxy  # noqa: E402
 
 TOKEN_PROMPT = [1, 17, 42, 99, 5, 64, 23, 7]  # for a model without a tokenizer
-PROMPT = (
+STORY = (
     "The history of the bicycle begins in the early nineteenth century. The first bicycles were made of wood and "
     "had no pedals. Riders pushed themselves along with their feet."
 )
+# Output grounded in the input (quoting, editing, extraction): where prompt lookup finds its drafts.
+QUOTE = (
+    "Minutes of the meeting. The committee agreed that the new bridge will open on the first of May, that the toll "
+    "will be two euros for cars and free for bicycles, and that the old ferry will keep running on weekends until "
+    "the end of the summer.\n\nQuestion: What did the committee agree?\nAnswer: The committee agreed that"
+)
+PROMPTS = {"story": STORY, "quote": QUOTE}
 
 
 @dataclass
@@ -56,8 +66,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--self-blocks", default=None, help="comma-separated N of self:N drafts (default: a quarter, two "
                     "thirds and all of the blocks; '' for none)")  # fmt: skip
+    ap.add_argument("--lookup", default="prompt-lookup", help="comma-separated prompt-lookup drafts "
+                    "(prompt-lookup, lookup:N; '' for none)")  # fmt: skip
     ap.add_argument("--draft", action="append", default=[], help="folder of a draft model (same tokenizer)")
-    ap.add_argument("--num-draft-tokens", type=int, default=4, help="k of the first trip (then adaptive)")
+    ap.add_argument("--prompt", choices=sorted(PROMPTS), default="story", help="story: a free continuation (the "
+                    "default); quote: an answer that repeats its input, where prompt lookup finds drafts")  # fmt: skip
+    ap.add_argument("--num-draft-tokens", type=int, default=None, help="k of the first trip of model drafts (default "
+                    "4, then adaptive) and of every prompt-lookup trip (default 10)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = ap.parse_args()
     if args.model == "tiny":  # compute ~1 ms a token: the network is all that counts
@@ -81,7 +96,8 @@ def main() -> None:
     from tests.launcher import SwarmProcesses
 
     torch.set_num_threads(args.threads)
-    drafts = [f"self:{n}" for n in args.self_blocks.split(",") if n] + args.draft
+    drafts = [f"self:{n}" for n in args.self_blocks.split(",") if n] + [x for x in args.lookup.split(",") if x]
+    drafts += args.draft
     setups: list[str | None] = [None, *drafts]
     proxies = [DelayProxy(args.delay_ms / 1000) for _ in range(2)]
     runs = {name(s): Runs() for s in setups}
@@ -94,7 +110,7 @@ def main() -> None:
         for proxy, server in zip(proxies, servers, strict=True):
             proxy.set_target(procs.wait_ready(server))
         with SwarmClient([dht.address], model, refresh_period_s=0) as client:
-            ids = client.tokenizer.encode(PROMPT) if client.tokenizer is not None else TOKEN_PROMPT
+            ids = client.tokenizer.encode(PROMPTS[args.prompt]) if client.tokenizer is not None else TOKEN_PROMPT
             expected = client.generate(ids, args.tokens)  # also the warm-up of the plain path
             for spec in drafts:  # loads each draft once (kept by the client) and warms it up
                 client.generate(ids, 4, draft_model=spec)
@@ -130,15 +146,18 @@ def main() -> None:
                      f"{statistics.median(r.cpu_ms_per_token):.1f}"])  # fmt: skip
     spans = ", ".join(split_ranges(num_blocks(model), 2))
     print(f"\n{model.name}, 2 servers ({spans}), {args.delay_ms:.0f} ms one-way on every link, push on, greedy, "
-          f"{len(expected)} new tokens after a {len(ids)}-token prompt, "
-          f"median of {args.repeats} runs; k starts at {args.num_draft_tokens} (adaptive)")  # fmt: skip
+          f"{len(expected)} new tokens after a {len(ids)}-token {args.prompt!r} prompt, "
+          f"median of {args.repeats} runs; k: {args.num_draft_tokens or 'default'} (model drafts: from 4, "
+          "adaptive; prompt lookup: up to 10 a trip)")  # fmt: skip
     print(f"code {code_version()}; load average {load_average()}; {args.threads} torch thread(s) per process")
     header = ["setup", "ms/token", "speed-up", "acceptance", "mean k", "tokens/trip", "client CPU ms/token"]
     print(markdown(header, rows))
 
 
 def name(spec: str | None) -> str:
-    return "plain" if spec is None else spec if spec.startswith("self:") else Path(spec).name
+    if spec is None:
+        return "plain"
+    return spec if spec.startswith(("self:", "lookup:")) or spec == "prompt-lookup" else Path(spec).name
 
 
 if __name__ == "__main__":

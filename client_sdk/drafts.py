@@ -114,7 +114,7 @@ class BlocksDraft(ModelDraft):
         self.kv: Any = None
 
     def begin(self, max_length: int) -> None:
-        self.kv, self.length = self.span.new_kv(1, max_length, self.dtype, "cpu"), 0
+        self.kv = self.span.new_kv(1, max_length, self.dtype, "cpu")
 
     def logits(self, ids: torch.Tensor, position: int) -> torch.Tensor:
         with torch.inference_mode():
@@ -140,7 +140,7 @@ class TransformersDraft(ModelDraft):
     def begin(self, max_length: int) -> None:
         from transformers import DynamicCache  # the caller already uses transformers: it passed a model of it
 
-        self.cache, self.length = DynamicCache(config=self.config), 0
+        self.cache = DynamicCache(config=self.config)
 
     def logits(self, ids: torch.Tensor, position: int) -> torch.Tensor:
         extra = self.cache.get_seq_length() - position

@@ -138,6 +138,7 @@ async def speculative_tokens(
         return int(torch.multinomial(probs, 1, generator=generator)), probs
 
     draft.begin(prompt_len + max_new_tokens)
+    draft.keep(0)  # nothing of an earlier sequence stays, whatever begin() did
     try:
         while (produced := len(seq) - prompt_len) < max_new_tokens:
             # 1. Draft at most n tokens locally: never past max_new_tokens.
