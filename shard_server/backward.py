@@ -103,4 +103,3 @@ def _block_by_block(
     leaves = [*(prompts or []), *(t for _, w in client for t in (w.a, w.b))]
     found = [*(d_prompts if prompts is not None else []), *d_lora]
     return [g, *(torch.zeros_like(t) if d is None else d for d, t in zip(found, leaves, strict=True))]
-
