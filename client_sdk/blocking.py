@@ -7,6 +7,8 @@ works even inside another running loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
 import os
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Sequence
@@ -15,6 +17,10 @@ from typing import Any, TypeVar
 from client_sdk.client import AsyncSwarmClient, SwarmInfo
 from client_sdk.prompts import Prompt
 from client_sdk.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT_S = 15.0  # closing streams and channels; past it the loop is stopped anyway (a process must exit)
 
 T = TypeVar("T")
 
@@ -102,8 +108,16 @@ class SwarmClient:
     def close(self) -> None:
         if self._closed:
             return
+        future = asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop)
         try:
-            self._call(self._client.aclose())
+            future.result(CLOSE_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            try:  # read from this thread while the loop runs: a diagnostic, may race
+                stuck: object = [t.get_name() for t in asyncio.all_tasks(self._loop) if not t.done()]
+            except RuntimeError:
+                stuck = "?"
+            log.warning("closing the client took over %.0f s; stopping its loop (still running: %s)",
+                        CLOSE_TIMEOUT_S, stuck)  # fmt: skip
         finally:
             self._stop_loop()
 
