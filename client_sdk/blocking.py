@@ -14,6 +14,8 @@ import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
+import torch
+
 from client_sdk.client import AsyncSwarmClient, SwarmInfo
 from client_sdk.prompts import Prompt
 from client_sdk.tokenizer import Tokenizer
@@ -40,7 +42,15 @@ class SwarmClient:
         **options: Any,
     ) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="pollen-client-loop", daemon=True)
+        # torch's thread count is per thread (OpenMP's setting): the loop thread, which runs the local head, takes
+        # the caller's, or it would use one thread per core whatever the caller set.
+        threads = torch.get_num_threads()
+
+        def run_loop() -> None:
+            torch.set_num_threads(threads)
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run_loop, name="pollen-client-loop", daemon=True)
         self._thread.start()
         self._closed = False
         try:
