@@ -49,19 +49,9 @@ def prompts(n: int) -> list[list[int]]:
 
 
 def reference(model: Path, all_prompts: list[list[int]]) -> list[list[int]]:
-    import torch
-    from transformers import LlamaForCausalLM
+    from common import greedy_references
 
-    lm = LlamaForCausalLM.from_pretrained(model).eval()
-    new = MAX_LENGTH - PROMPT_LEN
-    out = []
-    with torch.inference_mode():
-        for p in all_prompts:
-            ids = torch.tensor([p])
-            gen = lm.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
-                              min_new_tokens=new, pad_token_id=0)  # fmt: skip
-            out.append(gen[0, PROMPT_LEN:].tolist())
-    return out
+    return greedy_references(model, all_prompts, MAX_LENGTH - PROMPT_LEN)
 
 
 async def user(client: object, prompt: list[int], delay: float, think: float) -> Result:

@@ -71,22 +71,9 @@ def prompts(n: int) -> list[list[int]]:
 
 
 def reference(model: Path, all_prompts: list[list[int]]) -> list[list[int]]:
-    """Local transformers greedy, MAX_NEW tokens per prompt (EOS kept out, as the clients' min_new_tokens)."""
-    import torch
-    from transformers import LlamaForCausalLM
+    from bench.common import greedy_references
 
-    from bench.common import quiet_transformers
-
-    quiet_transformers()
-    lm = LlamaForCausalLM.from_pretrained(model).eval()
-    out = []
-    with torch.inference_mode():
-        for p in all_prompts:
-            ids = torch.tensor([p])
-            gen = lm.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_NEW,
-                              min_new_tokens=MAX_NEW, pad_token_id=0)  # fmt: skip
-            out.append(gen[0, PROMPT_LEN:].tolist())
-    return out
+    return greedy_references(model, all_prompts, MAX_NEW)
 
 
 async def admin(sock: Path, call: str, **kw: float) -> Any:
