@@ -26,6 +26,7 @@ import torch
 from shard_server.backward import span_gradients
 from shard_server.tuning import RequestTuning
 from swarm.blocks import BlockRange
+from swarm.errors import ServerDraining
 from swarm.models import KVCache, Segment, Span
 from swarm.models.lora import LoraKey, LoraSet, LoraWeights, linear_modules
 
@@ -89,6 +90,7 @@ class BlockBackend:
         # Backward keeps one autograd graph over the span only while its estimate fits this budget; above it,
         # one block at a time. Set by the server from its memory plan (default: always one block at a time).
         self.activation_budget_bytes = 0
+        self.released = False  # set when the weights are emptied (lifecycle._unload): every later call is refused
         self.estimate_activations: ActivationEstimate | None = None
 
     def lora_modules(self) -> dict[str, tuple[int, int]]:
@@ -100,6 +102,8 @@ class BlockBackend:
         return self._spans[self.blocks]
 
     def span_for(self, blocks: BlockRange) -> Span:
+        if self.released:  # a request queued before a pause or move ran after the weights were emptied
+            raise ServerDraining("this server unloaded its blocks (paused or moving); continue on another server")
         span = self._spans.get(blocks)
         if span is None:
             span = self._spans[blocks] = self.span.sub(blocks)

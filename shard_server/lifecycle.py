@@ -247,6 +247,8 @@ class Lifecycle:
         backend, s.servicer.backend = s.servicer.backend, None
         s.servicer.limits = TuningLimits({}, 0)  # its adapters are weights too; _serve_backend sets them again
         span = backend.span if backend is not None else None
+        if backend is not None:
+            backend.released = True  # read on the worker: requests queued behind this job are refused clearly
         del backend
         await s.scheduler.run(_release_memory, span, s._device.type == "cuda")
 
