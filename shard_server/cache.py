@@ -137,6 +137,7 @@ class SessionCache:
         self._handles = itertools.count(1)
         self._waiters: deque[_Waiter] = deque()
         self._draining = False
+        self._draining_reason = ""
 
     def set_budget(self, budget_bytes: int, token_bytes_per_block: int, held_blocks: int) -> None:
         """Size the budget once the blocks are loaded and a token's KV bytes are measured."""
@@ -202,7 +203,7 @@ class SessionCache:
         Raises ServerDraining while shutting down or moving, CacheExhausted when the budget stays full.
         """
         if self._draining:
-            raise ServerDraining("server is shutting down and accepts no new sessions; use another server")
+            raise ServerDraining(self._draining_reason)
         tokens = max_length * batch_size
         need = tokens * self.token_bytes_per_block * len(blocks) + extra_bytes
         what = f"session {session_id!r} asks for {tokens} cache tokens (max_length {max_length} x batch {batch_size})"
@@ -355,13 +356,16 @@ class SessionCache:
             session.close(reason)
         return len(sessions)
 
-    def start_draining(self) -> None:
-        """Refuse new sessions (and fail the waiting ones) until `stop_draining`; running sessions go on."""
-        self._draining = True
+    def start_draining(
+        self, reason: str = "server is shutting down and accepts no new sessions; use another server"
+    ) -> None:
+        """Refuse new sessions (and fail the waiting ones) with `reason` until `stop_draining`; running sessions go
+        on."""
+        self._draining, self._draining_reason = True, reason
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.future.done():
-                waiter.future.set_exception(ServerDraining("server is shutting down; use another server"))
+                waiter.future.set_exception(ServerDraining(reason))
 
     def stop_draining(self) -> None:
         self._draining = False

@@ -203,7 +203,7 @@ class Lifecycle:
         s.state = state
         s.servicer.unavailable_reason = reason
         await s._front.set_serving(False)
-        s.cache.start_draining()
+        s.cache.start_draining(reason)
         await s._announcer.announce(state, self._later_expiration())
 
     async def _serve(self, backend: BlockBackend) -> None:
