@@ -69,12 +69,15 @@ def from_proto(msg: common_pb2.Tensor, name: str = "tensor", max_elements: int =
         raise InvalidRequest(f"{name}: {len(shape)} dimensions is over the limit of {MAX_DIMS}")
     if any(d < 0 for d in shape):
         raise InvalidRequest(f"{name}: negative dimension in shape {list(shape)}")
-    numel = math.prod(shape)
-    if numel > max_elements:
+    # Dimensions of size 0 counted as 1: an empty tensor of shape [0, 2**40, 2**40] holds no bytes, yet torch
+    # computes its strides from the other dimensions and overflows. This bound also bounds the element count.
+    if math.prod(max(d, 1) for d in shape) > max_elements:
         # not the product itself: a hostile shape's product can have thousands of digits
         raise InvalidRequest(
-            f"{name}: shape {list(shape)} has more elements than allowed: over the limit of {max_elements}"
+            f"{name}: shape {list(shape)} spans more elements than allowed (a size-0 dimension counts as 1): "
+            f"over the limit of {max_elements}"
         )
+    numel = math.prod(shape)
     expected = numel * dtype.itemsize
     if len(msg.data) != expected:
         raise InvalidRequest(
