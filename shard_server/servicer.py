@@ -21,11 +21,12 @@ from typing import Any, Protocol
 import grpc
 
 from shard_server.backend import BlockBackend
-from shard_server.cache import Session, SessionCache
+from shard_server.cache import SessionCache
 from shard_server.inbox import StepInbox
 from shard_server.next_hops import NextHops
 from shard_server.push import Pusher
 from shard_server.scheduler import PendingStep, Scheduler
+from shard_server.session import Session
 from shard_server.tuning import RequestTuning, TuningLimits, decode_tuning
 from shard_server.validation import (
     check_backward_tokens,

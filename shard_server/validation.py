@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from shard_server.backend import StepItem
-from shard_server.cache import Session
+from shard_server.session import Session
 from shard_server.tuning import check_step_prompts, decode_prompts
 from swarm.blocks import BlockRange
 from swarm.errors import BlocksNotServed, CacheExhausted, InvalidRequest, ModelMismatch

@@ -11,7 +11,8 @@ import pytest
 import pytest_asyncio
 
 from shard_server.backend import KvHandle
-from shard_server.cache import Session, SessionCache, pick_evictions
+from shard_server.cache import SessionCache
+from shard_server.session import Session, pick_evictions
 from swarm.blocks import BlockRange
 from swarm.errors import CacheExhausted, SessionEvicted
 from tests.servers import wait_until
