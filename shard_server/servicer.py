@@ -125,7 +125,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
     @map_errors
     async def Forward(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        backend = self._ready_backend()
+        self._ready_backend()  # refused at once while loading, paused or moving
         ip = self._enter_stream(context)
         try:
             while (request := await context.read()) is not grpc.aio.EOF:
@@ -148,7 +148,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
     @map_errors
     async def Backward(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        backend = self._ready_backend()
+        self._ready_backend()  # refused at once while loading, paused or moving
         ip = self._enter_stream(context)
         try:
             while (request := await context.read()) is not grpc.aio.EOF:
@@ -220,7 +220,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 item = decode_step(session, step, backend.hidden_size, self.max_batch_tokens)
                 t0 = time.perf_counter()
                 # Alone on this server, a small step runs right here (nothing could batch with it; see scheduler.py)
-                out = self.scheduler.run_now(backend, item) if len(self._inboxes) == 1 else None
+                out = self.scheduler.run_now(backend, item) if self.cache.active_sessions == 1 else None
                 if out is None:
                     pending = self.scheduler.submit(backend, item)
                     out = await pending.result()
