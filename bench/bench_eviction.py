@@ -49,7 +49,7 @@ def prompts(n: int) -> list[list[int]]:
 
 
 def reference(model: Path, all_prompts: list[list[int]]) -> list[list[int]]:
-    from common import greedy_references
+    from tests.reference import greedy_references
 
     return greedy_references(model, all_prompts, MAX_LENGTH - PROMPT_LEN)
 

@@ -71,7 +71,7 @@ def prompts(n: int) -> list[list[int]]:
 
 
 def reference(model: Path, all_prompts: list[list[int]]) -> list[list[int]]:
-    from bench.common import greedy_references
+    from tests.reference import greedy_references
 
     return greedy_references(model, all_prompts, MAX_NEW)
 

@@ -174,24 +174,6 @@ def local_generate(lm: Any, prompt: list[int], new_tokens: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-def greedy_references(model: Path, prompts: Sequence[list[int]], new_tokens: int) -> list[list[int]]:
-    """Local transformers greedy continuations of `new_tokens` tokens per prompt, EOS kept out (as the clients'
-    min_new_tokens): the tokens every bench checks the swarm's against."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    quiet_transformers()
-    lm = AutoModelForCausalLM.from_pretrained(model).eval()
-    out = []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = lm.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, pad_token_id=0)  # fmt: skip
-            out.append(gen[0, len(p) :].tolist())
-    return out
-
-
 def greedy_prompt(lm: Any, new_tokens: int, seed: int = 0, tries: int = 50) -> tuple[list[int], list[int]]:
     """A random PROMPT_LEN-token prompt whose greedy continuation runs `new_tokens` tokens without EOS.
 

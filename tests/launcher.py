@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,6 +114,13 @@ class SwarmProcesses:
         if wait:
             self.wait_ready(proc)
         return proc
+
+    def start_servers(self, model: str | Path, spans: Sequence[str], peers: list[str], *extra: str) -> list[Proc]:
+        """One server per span (e.g. ["0:2", "0:2", "2:4"]), started concurrently, then each waited for."""
+        servers = [self.start_server(model, blocks, peers, *extra, wait=False) for blocks in spans]
+        for server in servers:
+            self.wait_ready(server)
+        return servers
 
     def stop(self, proc: Proc, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int:
         """Signal the process and wait for it; SIGKILL its group if it does not exit in time."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 
 def pre_norm_hidden(
@@ -29,3 +32,17 @@ def pre_norm_hidden(
         hook.remove()
     out = captured[0]
     return out[0] if isinstance(out, tuple) else out
+
+
+def greedy_references(model_path: str | Path, prompts: Sequence[list[int]], new_tokens: int) -> list[list[int]]:
+    """Plain transformers' greedy continuation of each prompt on the same weights, `new_tokens` tokens with EOS
+    kept out until then (as `min_new_tokens`): what the swarm's tokens are checked against."""
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    out = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, pad_token_id=0)  # fmt: skip
+            out.append(gen[0, len(prompt) :].tolist())
+    return out

@@ -42,11 +42,7 @@ def swarm(tiny_llama: Path, request: pytest.FixtureRequest) -> Iterator[Swarm]:
     try:
         dht = procs.start_dht()
         args = ("--num-threads", "1", "--throughput", "100", "--ttl", "6")
-        servers = [
-            procs.start_server(tiny_llama, blocks, [dht.address], *args, wait=False) for blocks in ("0:2", "0:2", "2:4")
-        ]
-        for server in servers:
-            procs.wait_ready(server)
+        servers = procs.start_servers(tiny_llama, ("0:2", "0:2", "2:4"), [dht.address], *args)
         yield Swarm(procs, dht, servers)
     finally:
         if request.session.testsfailed > failed_before:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from client_sdk import AsyncSwarmClient
 from client_sdk.session import InferenceSession
 from tests.launcher import Proc, SwarmProcesses
+from tests.reference import greedy_references
 
 pytestmark = pytest.mark.e2e
 
@@ -48,9 +48,7 @@ def swarm(tiny_llama: Path, request: pytest.FixtureRequest) -> Iterator[Swarm]:
     flags = [*budget, "--evict-idle-after", "0.5", "--alloc-timeout", "60", "--throughput", "100"]
     try:
         dht = procs.start_dht()
-        servers = [procs.start_server(tiny_llama, r, [dht.address], *flags, wait=False) for r in ("0:2", "2:4")]
-        for server in servers:
-            procs.wait_ready(server)
+        servers = procs.start_servers(tiny_llama, ("0:2", "2:4"), [dht.address], *flags)
         yield Swarm(procs, dht, servers, tiny_llama)
     finally:
         if request.session.testsfailed > failed_before:
@@ -64,15 +62,7 @@ def prompts() -> list[list[int]]:
 
 
 def greedy_reference(model_path: Path, prompts: list[list[int]]) -> list[list[int]]:
-    model = LlamaForCausalLM.from_pretrained(model_path).eval()
-    out = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)  # fmt: skip
-            out.append(gen[0, PROMPT_LEN:].tolist())
-    return out
+    return greedy_references(model_path, prompts, NEW_TOKENS)
 
 
 class User:

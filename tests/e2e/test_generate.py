@@ -50,9 +50,7 @@ def swarm(tiny_llama: Path, request: pytest.FixtureRequest) -> Iterator[Swarm]:
     failed_before = request.session.testsfailed
     try:
         dht = procs.start_dht()
-        servers = [procs.start_server(tiny_llama, r, [dht.address], wait=False) for r in ("0:2", "2:4")]
-        for server in servers:
-            procs.wait_ready(server)
+        servers = procs.start_servers(tiny_llama, ("0:2", "2:4"), [dht.address])
         yield Swarm(procs, dht, servers, tiny_llama)
     except BaseException:
         print(procs.logs())

@@ -23,8 +23,6 @@ from typing import Any
 
 import grpc
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from client_sdk import AsyncSwarmClient
 from swarm.blocks import block_key
@@ -34,6 +32,7 @@ from swarm.pb import shard_pb2, shard_pb2_grpc
 from swarm.records import ServerRecord, ServerState
 from tests.launcher import Proc, SwarmProcesses
 from tests.models import make_tiny_model
+from tests.reference import greedy_references
 
 pytestmark = pytest.mark.e2e
 
@@ -54,12 +53,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(model: Path) -> list[int]:
     """Greedy tokens of plain transformers on the same weights."""
-    hf = AutoModelForCausalLM.from_pretrained(model).eval()
-    ids = torch.tensor([PROMPT])
-    with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
-                          min_new_tokens=NEW_TOKENS, pad_token_id=0)  # fmt: skip
-    return out[0, len(PROMPT) :].tolist()
+    return greedy_references(model, [PROMPT], NEW_TOKENS)[0]
 
 
 def pollen_server(action: str, sock: Path, *extra: str) -> dict[str, Any]:

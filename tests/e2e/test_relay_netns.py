@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from transformers import LlamaForCausalLM
 
 from tests.launcher import BIN, Proc
 from tests.netns import NetnsPair, NetnsProcesses, unavailable_reason
+from tests.reference import greedy_references
 
 pytestmark = pytest.mark.e2e
 
@@ -73,12 +72,7 @@ def netns() -> Iterator[NetnsPair]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama: Path) -> list[int]:
-    model = LlamaForCausalLM.from_pretrained(tiny_llama).eval()
-    ids = torch.tensor([PROMPT])
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
-                             min_new_tokens=NEW_TOKENS, pad_token_id=0)  # fmt: skip
-    return out[0, len(PROMPT) :].tolist()
+    return greedy_references(tiny_llama, [PROMPT], NEW_TOKENS)[0]
 
 
 @dataclass

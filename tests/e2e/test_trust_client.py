@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaForCausalLM
 
 from client_sdk import SwarmClient
 from swarm.auth import SWARM_KEY_ENV, SwarmKey
 from swarm.errors import DhtUnavailable, Unauthenticated
 from tests.integration.dht_support import make_tls_files
 from tests.launcher import BIN, Proc, SwarmProcesses
+from tests.reference import greedy_references
 
 pytestmark = pytest.mark.e2e
 
@@ -52,12 +51,7 @@ def private(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         dht = procs.start_dht("dht0", None, "--swarm-key", str(key))
         with_servers = servers_take_swarm_key()
         if with_servers:
-            servers = [
-                procs.start_server(tiny_llama, r, [dht.address], "--swarm-key", str(key), wait=False)
-                for r in ("0:2", "2:4")
-            ]
-            for s in servers:
-                procs.wait_ready(s)
+            procs.start_servers(tiny_llama, ("0:2", "2:4"), [dht.address], "--swarm-key", str(key))
         yield Private(procs, dht, key, tiny_llama, with_servers)
     except BaseException:
         print(procs.logs())
@@ -68,12 +62,7 @@ def private(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama: Path) -> list[int]:
-    model = LlamaForCausalLM.from_pretrained(tiny_llama).eval()
-    ids = torch.tensor([PROMPT])
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)  # fmt: skip
-    return out[0, len(PROMPT) :].tolist()
+    return greedy_references(tiny_llama, [PROMPT], NEW_TOKENS)[0]
 
 
 def test_client_without_the_key_is_refused(private: Private, monkeypatch: pytest.MonkeyPatch) -> None:

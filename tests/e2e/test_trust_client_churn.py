@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaForCausalLM
 
 from client_sdk import AsyncSwarmClient
 from tests.launcher import Proc, SwarmProcesses
+from tests.reference import greedy_references
 
 pytestmark = pytest.mark.e2e
 
@@ -122,15 +121,7 @@ def swarm(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def references(model_path: Path, ids: list[list[int]]) -> list[list[int]]:
-    model = LlamaForCausalLM.from_pretrained(model_path).eval()
-    out = []
-    with torch.inference_mode():
-        for prompt in ids:
-            t = torch.tensor([prompt])
-            gen = model.generate(t, attention_mask=torch.ones_like(t), do_sample=False, max_new_tokens=NEW_TOKENS,
-                                 min_new_tokens=NEW_TOKENS, pad_token_id=0)  # fmt: skip
-            out.append(gen[0, len(prompt) :].tolist())
-    return out
+    return greedy_references(model_path, ids, NEW_TOKENS)
 
 
 async def test_every_generation_finishes_exact_under_churn(swarm: Churn) -> None:

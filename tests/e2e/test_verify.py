@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM
 
 from client_sdk import SwarmClient
 from swarm.model_files import default_model_id
 from tests.launcher import Proc, SwarmProcesses
+from tests.reference import greedy_references
 
 pytestmark = pytest.mark.e2e
 
@@ -73,12 +73,7 @@ def swarm(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def reference(model_path: Path, prompt: list[int]) -> list[int]:
-    model = LlamaForCausalLM.from_pretrained(model_path).eval()
-    ids = torch.tensor([prompt])
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
-                             min_new_tokens=NEW_TOKENS, pad_token_id=0)  # fmt: skip
-    return out[0, len(prompt) :].tolist()
+    return greedy_references(model_path, [prompt], NEW_TOKENS)[0]
 
 
 def cheater_peer(client: SwarmClient, swarm: Swarm) -> str:

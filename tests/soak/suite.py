@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.launcher import Proc, SwarmProcesses
+from tests.reference import greedy_references
 from tests.soak.faults import ChurnSettings, run_churn, start_churn_swarm
 from tests.soak.fuzz import run_fuzz
 from tests.soak.load import Idle, idle_state, run_load
 from tests.soak.messages import ShardTarget
 from tests.soak.report import MIB, SoakReport
-from tests.soak.swarmkit import FUZZ_DHT_FLAGS, NEW_TOKENS, PROMPTS, greedy_references, start_servers
+from tests.soak.swarmkit import FUZZ_DHT_FLAGS, NEW_TOKENS, PROMPTS, start_servers
 from tests.tuning_fakes import make_tiny
 
 SEED = 20_240_613

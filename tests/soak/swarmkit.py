@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import torch
 
 from swarm.pb import dht_pb2, shard_pb2
 from tests.launcher import Proc, SwarmProcesses
@@ -87,21 +86,6 @@ def answers(proc: Proc) -> bool:
     except grpc.aio.AioRpcError:
         return False
     return True
-
-
-def greedy_references(model: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """The tokens plain transformers' greedy decoding gives for each prompt (the independent reference)."""
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(model).eval()
-    out = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            gen = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, pad_token_id=0)  # fmt: skip
-            out.append(gen[0, len(prompt) :].tolist())
-    return out
 
 
 def start_servers(procs: SwarmProcesses, model: Path, plan: list[tuple[str, str]], peers: list[str]) -> list[Proc]:

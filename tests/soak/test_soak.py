@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from tests.launcher import SwarmProcesses
+from tests.reference import greedy_references
 from tests.soak.conftest import REPORTS
 from tests.soak.report import SoakReport, mode_from_env
 from tests.soak.suite import SETTINGS, MainSwarm, fault_part, fuzz_part, load_part, start_main_swarm
-from tests.soak.swarmkit import NEW_TOKENS, PROMPTS, greedy_references
+from tests.soak.swarmkit import NEW_TOKENS, PROMPTS
 from tests.tuning_fakes import make_tiny
 
 pytestmark = pytest.mark.e2e

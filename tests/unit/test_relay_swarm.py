@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaForCausalLM
 
 from client_sdk import AsyncSwarmClient
 from dht_node.node import DhtNode
@@ -24,6 +22,7 @@ from swarm.blocks import BlockRange
 from swarm.errors import InvalidRequest, Overloaded
 from swarm.net import bind_server, create_server
 from swarm.relay import RelayLimits
+from tests.reference import greedy_references
 from tests.servers import WAIT_TIMEOUT_S, running
 
 PROMPT = [1, 17, 42, 99, 5, 64, 23, 7]
@@ -73,12 +72,7 @@ async def test_probe_dials_one_at_a_time_per_ip_and_only_tcp_peers() -> None:
 
 
 def _reference(model_path: Path) -> list[int]:
-    model = LlamaForCausalLM.from_pretrained(model_path).eval()
-    ids = torch.tensor([PROMPT])
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
-                             min_new_tokens=NEW_TOKENS, pad_token_id=0)  # fmt: skip
-    return out[0, len(PROMPT) :].tolist()
+    return greedy_references(model_path, [PROMPT], NEW_TOKENS)[0]
 
 
 def _config(model: Path, blocks: tuple[int, int], dht: DhtNode, **extra: object) -> ShardServerConfig:
