@@ -271,10 +271,7 @@ class InferenceSession:
                         self.session_id, old.span.start, old.span.end, self._failures,
                         self.failover_budget_s - left, error)  # fmt: skip
             raise error
-        call = old.call
-        if call is not None and call.done() and not call.cancelled():
-            await asyncio.gather(old.watch(), return_exceptions=True)  # the read its end failed: retrieved, not leaked
-        old.cancel()
+        old.cancel()  # a read its end already failed is collected there (SpanStream._drop_pending)
         if isinstance(error, SessionEvicted):
             # The server evicted our idle session to serve another: no fault of its own, so no ban, no backoff and
             # no failover counted against max_retries (the time budget still bounds the step). The router may well
