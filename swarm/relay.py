@@ -169,17 +169,17 @@ class RelayService(relay_pb2_grpc.RelayServicer):
                 writer.close()
                 return
             conn_id = next(ids)
-            try:
-                await mux.send(relay_pb2.RelayFrame(conn_id=conn_id, open=True))
-            except Exception:  # noqa: BLE001 - the stream is gone: this client's connection goes with it
-                writer.close()
-                return
 
             async def accepted() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
                 return reader, writer
 
-            mux.add(conn_id, accepted)
+            try:
+                mux.add(conn_id, accepted, announce=True)  # registered, then the peer is told
+            except ValueError:  # the stream just ended
+                writer.close()
+                return
             await asyncio.gather(*mux.conns[conn_id].tasks[:1], return_exceptions=True)  # keep the handler alive
+            writer.close()  # already closed unless the open frame could not be sent
 
         listener = await self._listen(on_client)
         if listener is None:

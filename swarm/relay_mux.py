@@ -88,13 +88,15 @@ class Mux:
         async with self._send_lock:
             await self._send(frame)
 
-    def add(self, conn_id: int, connect: Connect) -> None:
-        """Relay `conn_id` to the socket `connect()` returns; frames for it may arrive before it connects."""
+    def add(self, conn_id: int, connect: Connect, *, announce: bool = False) -> None:
+        """Relay `conn_id` to the socket `connect()` returns; frames for it may arrive before it connects.
+        `announce`: first send the peer the `open` frame for it (the relay, for an accepted client)."""
         if self._closed or conn_id in self.conns:
             raise ValueError(f"connection {conn_id} cannot be added to {self.name}")
         conn = self.conns[conn_id] = _Conn(conn_id)
         conn.window.set()
-        conn.tasks.append(asyncio.create_task(self._run(conn, connect), name=f"relay-conn-{conn_id}"))
+        run = self._run(conn, connect, announce)
+        conn.tasks.append(asyncio.create_task(run, name=f"relay-conn-{conn_id}"))
 
     def on_frame(self, frame: relay_pb2.RelayFrame) -> None:
         """Data, ack and close frames of known connections; frames of unknown (already closed) ones are dropped."""
@@ -132,9 +134,18 @@ class Mux:
         for task in conn.tasks:
             task.cancel()
 
-    async def _run(self, conn: _Conn, connect: Connect) -> None:
+    async def _run(self, conn: _Conn, connect: Connect, announce: bool) -> None:
         writer = None
         try:
+            if announce:
+                # Registered before the open frame leaves: the peer's first bytes (a gRPC server speaks first)
+                # can be read off the stream before this write returns, and must find the connection.
+                try:
+                    await self.send(relay_pb2.RelayFrame(conn_id=conn.conn_id, open=True))
+                except Exception as e:  # noqa: BLE001 - the stream is gone: this connection goes with it
+                    log.debug("relay %s: connection %d: open not sent: %s", self.name, conn.conn_id, e)
+                    conn.peer_closed = True  # nothing to tell the peer
+                    return
             reader, writer = await connect()
             conn.writer = writer
             downstream = asyncio.create_task(self._downstream(conn, writer), name=f"relay-down-{conn.conn_id}")

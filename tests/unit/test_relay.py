@@ -218,6 +218,50 @@ async def test_attach_refuses_garbage_and_a_missing_hello() -> None:
         assert not relay.service.attached and relay.service._slots == 0
 
 
+class _SlowWriteContext:
+    """The relay side of an Attach stream whose writes complete late: the relayed server's answer to an `open`
+    frame (a gRPC server speaks first) is read off the stream before the write of that frame returns, as
+    happens on a loaded machine when both completions arrive together."""
+
+    def __init__(self, greeting: bytes) -> None:
+        self.greeting = greeting
+        self.frames: asyncio.Queue[relay_pb2.RelayFrame] = asyncio.Queue()
+        self.frames.put_nowait(relay_pb2.RelayFrame(hello=relay_pb2.RelayHello(peer_id="p1")))
+        self.address: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:5555"
+
+    async def read(self) -> relay_pb2.RelayFrame:
+        return await self.frames.get()
+
+    async def write(self, frame: relay_pb2.RelayFrame) -> None:
+        if frame.WhichOneof("kind") == "attached":
+            self.address.set_result(frame.attached.address)
+        elif frame.WhichOneof("kind") == "open":
+            self.frames.put_nowait(relay_pb2.RelayFrame(conn_id=frame.conn_id, data=self.greeting))
+            for _ in range(10):  # the write's completion comes after the read loop took the answer
+                await asyncio.sleep(0)
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise AssertionError(f"Attach aborted: {code} {details}")
+
+
+async def test_the_relayed_servers_first_bytes_are_not_lost_when_they_come_back_fast() -> None:
+    service = RelayService(RelayLimits(max_bytes_per_s=0), "127.0.0.1", "127.0.0.1")
+    context = _SlowWriteContext(b"server speaks first")
+    attach = asyncio.create_task(service.Attach(None, context))  # type: ignore[arg-type]
+    try:
+        host, _, port = (await asyncio.wait_for(context.address, 10)).rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        assert await asyncio.wait_for(reader.readexactly(19), 10) == b"server speaks first"
+        writer.close()
+    finally:
+        attach.cancel()
+        await asyncio.gather(attach, return_exceptions=True)
+        await service.close()
+
+
 async def test_byte_rate_waits_for_the_cost_of_what_passed(monkeypatch: pytest.MonkeyPatch) -> None:
     slept: list[float] = []
     real_sleep = asyncio.sleep
