@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import grpc
 import torch
 
 from client_sdk.failover import FailoverBudget, refresh_view, reroute
 from client_sdk.routing import Span
 from client_sdk.span_stream import bad_reply
-from client_sdk.transport import ChannelPool, rpc_error
+from client_sdk.transport import ChannelPool
 from client_sdk.tuning import FLOATS, Tuning, TuningGrads, decode_grads
-from swarm.errors import CacheExhausted, InvalidRequest, MissingBlocks, PollenError, StepTimeout
+from swarm.errors import CacheExhausted, InvalidRequest, MissingBlocks, PollenError
 from swarm.pb import common_pb2, shard_pb2
 from swarm.tensors import from_proto, to_proto
 
@@ -314,34 +312,19 @@ class RemoteCalls:
     ) -> tuple[torch.Tensor, TuningGrads]:  # output (Forward) or grad_input (Backward), tuning grads (Backward)
         kind = "forward" if grad is None else "backward"
         blocks = common_pb2.BlockRange(start=span.start, end=span.end)
-        stub = self.pool.shard(span.address)
-        request: Any
+        request: shard_pb2.ForwardRequest | shard_pb2.BackwardRequest
         if grad is None:
             request = shard_pb2.ForwardRequest(model_id=self.model_id, blocks=blocks, hidden=to_proto(hidden))
-            call = stub.Forward()
         else:
             grad_output = to_proto(grad.to(hidden.dtype))
             request = shard_pb2.BackwardRequest(
                 model_id=self.model_id, blocks=blocks, hidden=to_proto(hidden), grad_output=grad_output
             )
-            call = stub.Backward()
-        request.request_id = uuid.uuid4().hex
         if mask is not None:
             request.attention_mask.CopyFrom(to_proto(mask))
         if tuning is not None and not tuning.empty:
             request.tuning.CopyFrom(tuning.for_span(span.start, span.end, hidden.dtype))
-        try:
-            async with asyncio.timeout(self.config.forward_timeout_s):
-                await call.write(request)
-                reply = await call.read()
-                await call.done_writing()
-        except TimeoutError:
-            call.cancel()
-            raise StepTimeout(f"{span.address} did not answer {kind} in {self.config.forward_timeout_s} s") from None
-        except grpc.aio.AioRpcError as e:
-            raise rpc_error(e, span.address) from e
-        if reply is grpc.aio.EOF:
-            raise bad_reply(span, f"ended the {kind} stream without a reply")
+        reply: Any = await self.pool.call_once(span.address, request, self.config.forward_timeout_s)
         try:
             out = from_proto(reply.hidden if grad is None else reply.grad_input, f"{kind} reply")
         except PollenError as e:

@@ -1,17 +1,19 @@
 """gRPC plumbing of the client: one channel and one Shard stub per server address, reused for every
 session and call (creating stubs or channels per token would cost more than the hop itself).
 
-Channels come from swarm.net (the project's one channel factory and option list). Only this module and
-session.py touch `shard_pb2`; everything else sees domain types.
+Channels come from swarm.net (the project's one channel factory and option list). `call_once` is the one
+place a stateless Forward/Backward travels (fine-tuning's remote calls and the verifier's checks both use it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import uuid
 
 import grpc
 
-from swarm.errors import PollenError, from_rpc_error
+from swarm.errors import PollenError, StepTimeout, from_rpc_error
 from swarm.net import DEFAULT_MAX_MESSAGE_BYTES, PLAINTEXT, ChannelCache, Security
 from swarm.pb import shard_pb2, shard_pb2_grpc
 
@@ -41,6 +43,34 @@ class ChannelPool:
             return await self.shard(address).Info(shard_pb2.InfoRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError as e:
             raise rpc_error(e, address) from e
+
+    async def call_once(
+        self, address: str, request: shard_pb2.ForwardRequest | shard_pb2.BackwardRequest, timeout_s: float
+    ) -> shard_pb2.ForwardResponse | shard_pb2.BackwardResponse:
+        """One stateless Forward or Backward (by the request's type): the request, its one reply, within
+        `timeout_s`. Raises StepTimeout, the call's PollenError, or a retryable PollenError when the server
+        ends the stream without replying (its fault: another server may do better)."""
+        stub = self.shard(address)
+        forward = isinstance(request, shard_pb2.ForwardRequest)
+        kind = "forward" if forward else "backward"
+        call = stub.Forward() if forward else stub.Backward()
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        try:
+            async with asyncio.timeout(timeout_s):
+                await call.write(request)
+                reply = await call.read()
+                await call.done_writing()
+        except TimeoutError:
+            call.cancel()
+            raise StepTimeout(f"{address} did not answer {kind} in {timeout_s} s") from None
+        except grpc.aio.AioRpcError as e:
+            raise rpc_error(e, address) from e
+        if reply is grpc.aio.EOF:
+            exc = PollenError(f"{address} ended the {kind} stream without a reply")
+            exc.retryable = True
+            raise exc
+        return reply  # type: ignore[no-any-return]
 
     async def discard(self, address: str) -> None:
         """Drop a channel to a server that went away, so a later reconnect starts clean."""

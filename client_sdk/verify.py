@@ -12,18 +12,16 @@ float32 one). Checked steps cost one Forward over the session's tokens so far on
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
 import torch
 
 from client_sdk.routing import Span
-from client_sdk.transport import ChannelPool, rpc_error
+from client_sdk.transport import ChannelPool
 from swarm.errors import PollenError
 from swarm.pb import common_pb2, shard_pb2
 from swarm.tensors import from_proto, to_proto
@@ -144,19 +142,7 @@ class OutputVerifier:
         )
         if mask is not None:
             request.attention_mask.CopyFrom(to_proto(mask))
-        call = self.pool.shard(span.address).Forward()
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                await call.write(request)
-                reply = await call.read()
-                await call.done_writing()
-        except TimeoutError:
-            call.cancel()
-            raise PollenError(f"{span.address} did not answer a verification in {self.timeout_s} s") from None
-        except grpc.aio.AioRpcError as e:
-            raise rpc_error(e, span.address) from e
-        if reply is grpc.aio.EOF:
-            raise PollenError(f"{span.address} ended the verification stream without a reply")
+        reply = await self.pool.call_once(span.address, request, self.timeout_s)
         out = from_proto(reply.hidden, f"verification from {span.address}")
         if out.shape != hidden.shape:
             raise PollenError(f"{span.address} returned shape {list(out.shape)} for {list(hidden.shape)}")

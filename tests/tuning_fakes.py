@@ -23,6 +23,7 @@ from client_sdk.directory import BlockRecords, SwarmView
 from client_sdk.head import load_local_model
 from client_sdk.pretrained import DistributedPreTrainedModel
 from client_sdk.remote import RemoteCalls
+from client_sdk.transport import ChannelPool
 from swarm.blocks import BlockRange
 from swarm.errors import DhtUnavailable
 from swarm.model_files import Checkpoint
@@ -158,11 +159,14 @@ class FakeStub:
         return FakeCall(self.server, "backward")
 
 
-class FakePool:
+class FakePool(ChannelPool):
+    """The client's channel pool with fake servers behind its stubs (`call_once` is the real one)."""
+
     def __init__(self, servers: list[FakeServer]) -> None:
+        super().__init__()
         self.by_address = {s.address: s for s in servers}
 
-    def shard(self, address: str) -> FakeStub:
+    def shard(self, address: str) -> Any:
         return FakeStub(self.by_address[address])
 
 
