@@ -36,12 +36,7 @@ def start_swarm(swarm: SwarmProcesses, model: str, split: int, num_blocks: int) 
     """A dht-node and two shard-servers; returns the dht-node's address."""
     t0 = time.perf_counter()
     dht = swarm.start_dht()
-    servers = [
-        swarm.start_server(model, f"0:{split}", [dht.address], *THREADS, wait=False),
-        swarm.start_server(model, f"{split}:{num_blocks}", [dht.address], *THREADS, wait=False),
-    ]
-    for server in servers:
-        swarm.wait_ready(server)
+    servers = swarm.start_servers(model, [f"0:{split}", f"{split}:{num_blocks}"], [dht.address], *THREADS)
     addresses = ", ".join(s.address for s in servers)
     log.info("swarm up in %.1f s: dht %s, servers %s", time.perf_counter() - t0, dht.address, addresses)
     return dht.address

@@ -22,10 +22,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.launcher
 
+from scripts.demo import start_swarm  # noqa: E402  (the same dht-node and two servers as `make demo`)
 from tests.launcher import SwarmProcesses  # noqa: E402
 
 log = logging.getLogger("finetune-demo")
-THREADS = ("--num-threads", "1")  # three processes share the cores; one torch thread each
 
 POSITIVE = ["wonderful", "great", "excellent", "delightful", "superb", "lovely", "fantastic", "brilliant",
             "charming", "pleasant", "amazing", "enjoyable", "perfect", "beautiful", "fun", "impressive"]  # fmt: skip
@@ -50,7 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate of the prompts (default: 1e-2)")
     parser.add_argument("--head-lr", type=float, default=1e-3,
                         help="AdamW learning rate of the head (default: 1e-3; its inputs have norms ~50)")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, its order and the head (default: 0)")
     return parser.parse_args()
 
 
@@ -69,20 +69,6 @@ def make_data(n_train: int, n_test: int, seed: int) -> tuple[list[tuple[str, int
     if n_train + n_test > len(pool):
         raise SystemExit(f"--train + --test is over the {len(pool)} sentences the templates make")
     return pool[:n_train], pool[n_train : n_train + n_test]
-
-
-def start_swarm(swarm: SwarmProcesses, model: str, split: int, num_blocks: int) -> str:
-    t0 = time.perf_counter()
-    dht = swarm.start_dht()
-    servers = [
-        swarm.start_server(model, f"0:{split}", [dht.address], *THREADS, wait=False),
-        swarm.start_server(model, f"{split}:{num_blocks}", [dht.address], *THREADS, wait=False),
-    ]
-    for server in servers:
-        swarm.wait_ready(server)
-    log.info("swarm up in %.1f s: dht %s, servers %s", time.perf_counter() - t0, dht.address,
-             ", ".join(s.address for s in servers))  # fmt: skip
-    return dht.address
 
 
 def batches(data: list[tuple[str, int]], size: int, tokenizer: Any, pad: int) -> list[tuple[Any, Any, Any]]:
