@@ -76,7 +76,6 @@ class InferenceSession:
         open_timeout_s: float = 30.0,
         session_id: str | None = None,
         router: SessionRouter | None = None,
-        max_retries: int | None = None,
         push: bool = False,
         tuning: Tuning | None = None,
         failover_budget_s: float = 60.0,
@@ -93,7 +92,6 @@ class InferenceSession:
         self.open_timeout_s = open_timeout_s
         self.session_id = session_id or uuid.uuid4().hex
         self.router = router
-        self.max_retries = max_retries  # an optional cap on failovers per step (None: only the time budget)
         self.failover_budget_s = failover_budget_s  # seconds of failovers per step (or open), from its first failure
         self.push = push
         self.tuning = tuning  # adapter and client LoRA, sent to every span at open (its blocks' share)
@@ -257,7 +255,7 @@ class InferenceSession:
     async def _replace(self, i: int, failure: SpanError) -> None:
         """Swap stream i for a fresh chain over exactly its blocks; its history moves to the first new stream,
         which replays it when the step reaches it. Raises the error if it is not retryable or the step's failover
-        budget (time, and `max_retries` if set) is used up."""
+        budget (time) is used up."""
         t0 = time.perf_counter()
         old = self.streams[i]
         error = failure.error
@@ -266,7 +264,7 @@ class InferenceSession:
         if self.router is None or not error.retryable:
             raise error
         left = self._time_left_s()
-        if left <= 0 or (self.max_retries is not None and self._failures >= self.max_retries):
+        if left <= 0:
             log.warning("session %s: giving up on blocks %d:%d after %d failover(s) in %.1f s: %s",
                         self.session_id, old.span.start, old.span.end, self._failures,
                         self.failover_budget_s - left, error)  # fmt: skip
@@ -274,7 +272,7 @@ class InferenceSession:
         old.cancel()  # a read its end already failed is collected there (SpanStream._drop_pending)
         if isinstance(error, SessionEvicted):
             # The server evicted our idle session to serve another: no fault of its own, so no ban, no backoff and
-            # no failover counted against max_retries (the time budget still bounds the step). The router may well
+            # no failover counted (the time budget still bounds the step). The router may well
             # pick it again; the reopen then evicts someone else's idle session or waits for room, as any open.
             log.info("session %s: %s evicted it at position %d; reopening blocks %d:%d and replaying",
                      self.session_id, old.span, self.position, old.span.start, old.span.end)  # fmt: skip

@@ -210,11 +210,15 @@ async def run(
 
 
 def new_session(
-    pool: ChannelPool, route: list[Span], router: SessionRouter | None = None, push: bool = True, retries: int = 3
+    pool: ChannelPool,
+    route: list[Span],
+    router: SessionRouter | None = None,
+    push: bool = True,
+    failover_budget_s: float = 60.0,
 ) -> InferenceSession:
     return InferenceSession(
         pool, MODEL, route, max_length=64, batch_size=2, step_timeout_s=20, open_timeout_s=20,
-        router=router, max_retries=retries, push=push,
+        router=router, push=push, failover_budget_s=failover_budget_s,
     )  # fmt: skip
 
 
@@ -290,12 +294,12 @@ async def test_server_dying_after_its_reply_is_replaced_at_the_next_step(toy: tu
     assert swarm.banned == [a.address] and len(spare.sessions) == 1
 
 
-async def test_out_of_retries_raises_the_servers_error(toy: tuple[Swarm, ChannelPool]) -> None:
+async def test_out_of_failover_time_raises_the_servers_error(toy: tuple[Swarm, ChannelPool]) -> None:
     swarm, pool = toy
     add = swarm.add  # type: ignore[attr-defined]
     a, b = await add(ToyShard(0, 2, die_at_step=2)), await add(ToyShard(2, 4))
     spare = await add(ToyShard(0, 2, die_at_step=0))
-    session = new_session(pool, swarm.chain(a, b), swarm.router({(0, 2): [spare]}), retries=1)
+    session = new_session(pool, swarm.chain(a, b), swarm.router({(0, 2): [spare]}), failover_budget_s=1.0)
     with pytest.raises(ServerDraining):  # UNAVAILABLE maps to "the server is going away"
         await run(session, list(inputs()))
     with contextlib.suppress(Exception):
