@@ -7,7 +7,9 @@ within its contact's measured retransmission timeout (liveness.py) stops countin
 contact, marks the slow one suspect (so this node and the nodes it answers skip it), and takes its answer if
 it still comes. The lookup ends when the k closest contacts that have not failed or gone slow have all
 answered. A slow request keeps running until the full rpc timeout, which is what declares its contact dead.
-Only when nobody has answered at all does the lookup wait for slow requests.
+The lookup waits for slow requests only when nobody has answered at all, or (RecordLookup) when everyone who
+answered holds no copy: a slow holder beats an empty answer (a loaded host is slow, not gone; "no server holds
+this block" would send a client away), and the wait is bounded by the rpc timeout and the caller's deadline.
 
 RecordLookup merges every copy it meets (per sub-key the later expiration wins, so stale copies lose and
 sub-keys written through different nodes all show up) and drops sub-keys whose owner signature or schema
@@ -47,6 +49,7 @@ class LookupStats:
     slow: int = 0  # requests whose wait ran out (the lookup moved on)
     failed: int = 0
     waited_on_slow: int = 0  # times a lookup had nobody else to ask and waited on a slow request
+    waited_for_value: int = 0  # times a record lookup had met no copy yet and waited on a slow request
 
     def add(self, other: LookupStats) -> None:
         for f in dataclasses.fields(self):
@@ -79,6 +82,10 @@ class Lookup:
         """Contacts from an answer, or None if the answer is garbage (the contact then counts as failed)."""
         raise NotImplementedError
 
+    def _found(self) -> bool:
+        """Whether the answers so far are enough to end once the window has answered."""
+        return True
+
     def _window(self) -> list[Node]:
         """The k closest contacts still in the running (not failed, not slow)."""
         running = [n for n in self._nodes.values() if self._state[n.id] in (_State.NEW, _State.ASKED, _State.ANSWERED)]
@@ -104,9 +111,12 @@ class Lookup:
                 slow_only = bool(outstanding) and not any(
                     self._state[n.id] is _State.ANSWERED for n in self._nodes.values()
                 )
-                if not slow_only:
+                if not slow_only and (self._found() or not outstanding):
                     break  # every contact in the window answered (or nobody is left to ask)
-                self.stats.waited_on_slow += 1  # nobody answered yet: the slow ones are all we have
+                if slow_only:
+                    self.stats.waited_on_slow += 1  # nobody answered yet: the slow ones are all we have
+                else:
+                    self.stats.waited_for_value += 1  # no copy among those who answered: a slow one may hold it
             waits = [ends for future, (node, ends) in outstanding.items() if self._state[node.id] is _State.ASKED]
             timeout = max(0.0, min(waits) - time.monotonic()) if waits else None
             done, _ = await asyncio.wait(outstanding, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -162,6 +172,9 @@ class RecordLookup(Lookup):
 
     def _ask(self, node: Node) -> asyncio.Future[tuple[bool, Any]]:
         return self.protocol.find_value_request(node, self.target)
+
+    def _found(self) -> bool:
+        return self.holders > 0
 
     def _read(self, node: Node, reply: Any) -> list[Node] | None:
         if not isinstance(reply, dict):

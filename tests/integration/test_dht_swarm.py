@@ -211,6 +211,31 @@ async def test_silently_dead_server_disappears_once_expired_and_records_outlive_
         await stop_all(nodes)
 
 
+async def test_a_record_held_only_by_slow_nodes_is_found_not_reported_missing() -> None:
+    """Every holder of a key answers later than its measured round trip (a loaded host: its datagrams are
+    handled 0.5 s late) while the other nodes answer at once without a copy. A get must wait for the slow
+    holders rather than end with the prompt empty answers: "nobody serves this block" sends clients away."""
+    ksize = 3
+    nodes = await start_nodes(8, seed=12, ksize=ksize, alpha=2, rpc_timeout_s=5.0)
+    try:
+        server, key = Identity.generate(), block_key(MODEL, 7)
+        assert await bounded(nodes[0].store(key, signed(server, key, server_value(server, 7, 8), time.time() + 3600)))
+        holders = [n for n in nodes if n.storage.get_record(digest(key))]
+        others = [n for n in nodes if n not in holders]
+        assert holders and others
+        loop = asyncio.get_running_loop()
+        for holder in holders:
+            handle = holder.protocol.datagram_received
+            holder.protocol.datagram_received = (  # type: ignore[method-assign]
+                lambda data, addr, handle=handle: loop.call_later(0.5, handle, data, addr)
+            )
+        for node in others:
+            assert set(await bounded(node.get(key))) == {server.peer_id}, f"{node.address} found no copy"
+        assert sum(n.lookup_stats.waited_for_value for n in others) > 0  # they were slow past the lookups' waits
+    finally:
+        await stop_all(nodes)
+
+
 async def test_client_mode_queries_and_stores_but_is_never_a_contact() -> None:
     nodes = await start_nodes(5, seed=4, ksize=4, rpc_timeout_s=0.5)
     client = DhtNode(host="127.0.0.1", port=0, initial_peers=[nodes[2].address], client_mode=True, ksize=4)
