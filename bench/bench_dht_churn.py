@@ -168,15 +168,19 @@ def report(samples: list[Sample], window_s: float) -> dict[str, float]:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nodes", type=int, default=50)
-    parser.add_argument("--records", type=int, default=40)
-    parser.add_argument("--kill", type=int, default=10)
+    parser.add_argument("--nodes", type=int, default=50, help="dht-node processes")
+    parser.add_argument("--records", type=int, default=40, help="signed records stored before the kill")
+    parser.add_argument("--kill", type=int, default=10, help="nodes SIGKILLed, the bootstrap among them")
     parser.add_argument("--before-s", type=float, default=20.0, help="reading before the kill")
     parser.add_argument("--after-s", type=float, default=180.0, help="reading after the kill")
-    parser.add_argument("--window-s", type=float, default=10.0)
+    parser.add_argument("--window-s", type=float, default=10.0, help="seconds per row of the table")
     parser.add_argument("--rate", type=float, default=10.0, help="gets per second")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--code-dir", default=str(Path(__file__).resolve().parents[1]))
+    parser.add_argument("--seed", type=int, default=1, help="seed of the keys, the kills and the reads")
+    parser.add_argument(
+        "--code-dir",
+        default=str(Path(__file__).resolve().parents[1]),
+        help="checkout to run the nodes from (compare versions on one machine)",
+    )
     parser.add_argument("--node-args", default="", help="extra dht-node flags, e.g. '--rpc-timeout 1.5'")
     parser.add_argument("--logs", help="keep the nodes' logs in this directory (default: a temporary one)")
     args = parser.parse_args()
