@@ -10,6 +10,8 @@ answered. A slow request keeps running until the full rpc timeout, which is what
 The lookup waits for slow requests only when nobody has answered at all, or (RecordLookup) when everyone who
 answered holds no copy: a slow holder beats an empty answer (a loaded host is slow, not gone; "no server holds
 this block" would send a client away), and the wait is bounded by the rpc timeout and the caller's deadline.
+For the same reason suspect contacts (slow for an earlier lookup, not known dead) are held back rather than
+dropped: a RecordLookup that met no copy asks them too before it answers empty.
 
 RecordLookup merges every copy it meets (per sub-key the later expiration wins, so stale copies lose and
 sub-keys written through different nodes all show up) and drops sub-keys whose owner signature or schema
@@ -50,6 +52,7 @@ class LookupStats:
     failed: int = 0
     waited_on_slow: int = 0  # times a lookup had nobody else to ask and waited on a slow request
     waited_for_value: int = 0  # times a record lookup had met no copy yet and waited on a slow request
+    asked_suspects: int = 0  # suspect contacts a record lookup asked because nobody else had a copy
 
     def add(self, other: LookupStats) -> None:
         for f in dataclasses.fields(self):
@@ -66,14 +69,20 @@ class Lookup:
         self.stats = LookupStats(lookups=1)
         self._nodes: dict[bytes, Node] = {}
         self._state: dict[bytes, _State] = {}
+        self._held_back: dict[bytes, Node] = {}  # suspect contacts: asked only if the answers fall short
         self._push(peers)
 
     def _push(self, contacts: list[Node]) -> None:
         own = self.protocol.source_node.id
         for node in contacts:
-            if node.id not in self._nodes and node.id != own and not self.protocol.avoid(node):
-                self._nodes[node.id] = node
-                self._state[node.id] = _State.NEW
+            if node.id in self._nodes or node.id == own:
+                continue
+            if self.protocol.avoid(node):
+                if not self.protocol.liveness.is_dead(address_of(node)):
+                    self._held_back[node.id] = node
+                continue
+            self._nodes[node.id] = node
+            self._state[node.id] = _State.NEW
 
     def _ask(self, node: Node) -> asyncio.Future[tuple[bool, Any]]:
         raise NotImplementedError
@@ -111,6 +120,15 @@ class Lookup:
                 slow_only = bool(outstanding) and not any(
                     self._state[n.id] is _State.ANSWERED for n in self._nodes.values()
                 )
+                if not slow_only and not self._found() and self._held_back:
+                    # no copy among those who answered: ask the suspects before calling the key missing
+                    held, self._held_back = list(self._held_back.values()), {}
+                    self.stats.asked_suspects += len(held)
+                    for node in held:
+                        if node.id not in self._nodes:
+                            self._nodes[node.id] = node
+                            self._state[node.id] = _State.NEW
+                    continue
                 if not slow_only and (self._found() or not outstanding):
                     break  # every contact in the window answered (or nobody is left to ask)
                 if slow_only:

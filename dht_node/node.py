@@ -350,7 +350,8 @@ class DhtNode:
         dkey = digest(key)
         record = self.storage.get_record(dkey)
         target = Node(dkey)
-        nearest = self.protocol.live_neighbors(target)
+        # the suspects among the k closest go along: the lookup asks them only if nobody else has a copy
+        nearest = self.protocol.live_neighbors(target) + self.protocol.suspect_neighbors(target)
         if nearest:
             crawl = RecordLookup(self.protocol, key, target, nearest, self.config.ksize, self.config.alpha)
 

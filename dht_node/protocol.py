@@ -246,6 +246,11 @@ class PollenProtocol(RpcEndpoint):
         neighbors = self.router.find_neighbors(target, k=2 * self.router.ksize, exclude=exclude)
         return [n for n in neighbors if not self.liveness.avoid(address_of(n))]
 
+    def suspect_neighbors(self, target: Node) -> list[Node]:
+        """Suspect contacts (slow lately, not known dead) among the k closest to `target`."""
+        neighbors = self.router.find_neighbors(target, k=self.router.ksize)
+        return [n for n in neighbors if self.liveness.is_suspect(address_of(n))]
+
     # ---- outgoing calls: (True, reply) or (False, None) ----
 
     async def call_ping(self, node: Node) -> tuple[bool, Any]:

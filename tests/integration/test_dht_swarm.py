@@ -214,7 +214,8 @@ async def test_silently_dead_server_disappears_once_expired_and_records_outlive_
 async def test_a_record_held_only_by_slow_nodes_is_found_not_reported_missing() -> None:
     """Every holder of a key answers later than its measured round trip (a loaded host: its datagrams are
     handled 0.5 s late) while the other nodes answer at once without a copy. A get must wait for the slow
-    holders rather than end with the prompt empty answers: "nobody serves this block" sends clients away."""
+    holders, and ask them even once they are suspect, rather than end with the prompt empty answers: "nobody
+    serves this block" sends clients away."""
     ksize = 3
     nodes = await start_nodes(8, seed=12, ksize=ksize, alpha=2, rpc_timeout_s=5.0)
     try:
@@ -232,6 +233,14 @@ async def test_a_record_held_only_by_slow_nodes_is_found_not_reported_missing() 
         for node in others:
             assert set(await bounded(node.get(key))) == {server.peer_id}, f"{node.address} found no copy"
         assert sum(n.lookup_stats.waited_for_value for n in others) > 0  # they were slow past the lookups' waits
+        # Once a lookup gave up waiting on them, the holders are suspect (not asked, not handed out): concurrent
+        # lookups must still ask them before answering that the key has no copy.
+        for node in others:
+            for holder in holders:
+                node.protocol.liveness.mark_suspect(("127.0.0.1", holder.port))
+        for node in others:
+            assert set(await bounded(node.get(key))) == {server.peer_id}, f"{node.address} skipped the suspects"
+        assert sum(n.lookup_stats.asked_suspects for n in others) > 0
     finally:
         await stop_all(nodes)
 
