@@ -81,8 +81,11 @@ class Lookup:
                 if not self.protocol.liveness.is_dead(address_of(node)):
                     self._held_back[node.id] = node
                 continue
-            self._nodes[node.id] = node
-            self._state[node.id] = _State.NEW
+            self._add(node)
+
+    def _add(self, node: Node) -> None:
+        self._nodes[node.id] = node
+        self._state[node.id] = _State.NEW
 
     def _ask(self, node: Node) -> asyncio.Future[tuple[bool, Any]]:
         raise NotImplementedError
@@ -122,12 +125,11 @@ class Lookup:
                 )
                 if not slow_only and not self._found() and self._held_back:
                     # no copy among those who answered: ask the suspects before calling the key missing
-                    held, self._held_back = list(self._held_back.values()), {}
-                    self.stats.asked_suspects += len(held)
-                    for node in held:
-                        if node.id not in self._nodes:
-                            self._nodes[node.id] = node
-                            self._state[node.id] = _State.NEW
+                    self.stats.asked_suspects += len(self._held_back)
+                    for node in self._held_back.values():
+                        if node.id not in self._nodes:  # it may have answered since and joined the lookup
+                            self._add(node)
+                    self._held_back.clear()
                     continue
                 if not slow_only and (self._found() or not outstanding):
                     break  # every contact in the window answered (or nobody is left to ask)
